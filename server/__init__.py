@@ -1,0 +1,1 @@
+"""Lamina's server: the generation engine (`server.engine`) and the HTTP API (`server.api`)."""
