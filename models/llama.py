@@ -266,6 +266,8 @@ class Transformer(nn.Module):
         return torch.stack(ks), torch.stack(vs)
 
     def merge_lora(self) -> None:
-        for module in self.modules():
-            if isinstance(module, AdapterLinear):
-                module.merge_lora()
+        """Fold LoRA into wq, wo, w1, w2, w3. wk/wv keep theirs unmerged: the adaption prompts must go
+        through the plain wk/wv weights."""
+        for layer in self.layers:
+            for linear in (layer.attention.wq, layer.attention.wo, *layer.feed_forward.children()):
+                linear.merge_lora()

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from models.adapter import LlamaAdapterV2
 from models.config import ModelArgs, VisualArgs
+from models.llama import Transformer
 from models.tokenizer import BPETokenizer, SentencePieceTokenizer, Tokenizer
 from models.visual import ClipTower, VisualAdapter
 
@@ -294,6 +295,14 @@ def _base_llama_state(base: dict[str, Tensor], args: ModelArgs, source: str) -> 
         )
     if unexpected:
         raise CheckpointError(f"{source}: unexpected keys in the base weights: {_keys_list(unexpected)}.")
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(shapes[k][-v.dim():])}" for k, v in base.items()
+           if tuple(v.shape) != tuple(shapes[k][-v.dim():])]  # norms are banks: compare trailing dims
+    if bad:
+        raise CheckpointError(
+            f"{source}: shape mismatch: {_keys_list(bad, 5)}. The weights do not match params.json."
+        )
     return {f"llama.{k}": v for k, v in base.items()}
 
 
@@ -306,61 +315,70 @@ _ADAPTER_LINEARS = {
 def _adapter_banks(
     state: dict[str, Tensor], args: ModelArgs, adapters: list[tuple[AdapterSpec, dict[str, Tensor]]]
 ) -> None:
-    """Stack every adapter's LLaMA-side tensors into banks (defaults: bias 0, gate 0, new_gate 1, base norms)."""
-    A, r = args.n_adapters, args.lora_rank
+    """Stack every adapter's LLaMA-side tensors into banks (defaults: bias 0, gate 0, new_gate 1, base norms).
+
+    Every `llama.*` key of every adapter must be consumed here with the shape the base implies.
+    """
     used: list[set[str]] = [set() for _ in adapters]
 
-    def take(a: int, key: str) -> Tensor | None:
-        sd = adapters[a][1]
-        if key in sd:
-            used[a].add(key)
-            return sd[key].float()
-        return None
+    def take(a: int, key: str, shape: tuple[int, ...]) -> Tensor | None:
+        spec, sd = adapters[a]
+        if key not in sd:
+            return None
+        t = sd[key]
+        if [d for d in t.shape if d != 1] != [d for d in shape if d != 1]:  # (1, H, 1, 1) gates fit (H,)
+            raise CheckpointError(
+                f"{spec.path}: shape mismatch for {key}: {tuple(t.shape)}, the base model needs {shape}. "
+                "The adapter does not belong to this base model (e.g. a 7B adapter on a 13B base)."
+            )
+        used[a].add(key)
+        return t.float().reshape(shape)
 
-    def bank(name: str, key: str, default: Callable[[], Tensor]) -> None:
-        rows = [take(a, key) for a in range(A)]
-        state[name] = torch.stack([default() if t is None else t.reshape(default().shape) for t in rows])
+    def bank(name: str, key: str, default: Tensor) -> None:
+        rows = [take(a, key, tuple(default.shape)) for a in range(len(adapters))]
+        state[name] = torch.stack([default if t is None else t for t in rows])
+
+    def lora_bank(name: str, key: str, shape: tuple[int, int], rank_dim: int) -> None:
+        rows = []
+        for a, (_, sd) in enumerate(adapters):
+            row = torch.zeros(shape)
+            t = sd.get(key)
+            if t is not None:  # a smaller rank pads with zeros, which is exact
+                r = t.shape[rank_dim]
+                want = (r, shape[1]) if rank_dim == 0 else (shape[0], r)
+                window = row[:r] if rank_dim == 0 else row[:, :r]
+                window.copy_(take(a, key, want))
+            rows.append(row)
+        state[name] = torch.stack(rows)
 
     for i in range(args.n_layers):
         p = f"llama.layers.{i}"
         for part in ("attention_norm", "ffn_norm"):
-            base = state.pop(f"{p}.{part}.weight").float()
-            bank(f"{p}.{part}.weight", f"{p}.{part}.weight", lambda base=base: base)
+            bank(f"{p}.{part}.weight", f"{p}.{part}.weight", state.pop(f"{p}.{part}.weight").float())
         for group, names in _ADAPTER_LINEARS.items():
             for w in names:
                 out_f, in_f = state[f"{p}.{group}.{w}.weight"].shape
                 if args.w_bias and w not in ("wk", "wv"):
-                    bank(f"{p}.{group}.{w}.bias", f"{p}.{group}.{w}.bias", lambda o=out_f: torch.zeros(o))
+                    bank(f"{p}.{group}.{w}.bias", f"{p}.{group}.{w}.bias", torch.zeros(out_f))
                 if args.w_lora:
-                    l1, l2 = [], []
-                    for a in range(A):
-                        t1 = take(a, f"{p}.{group}.lora_{w}_l1.weight")
-                        t2 = take(a, f"{p}.{group}.lora_{w}_l2.weight")
-                        z1, z2 = torch.zeros(r, in_f), torch.zeros(out_f, r)
-                        if t1 is not None and t2 is not None:  # a smaller rank pads with zeros: exact
-                            z1[: t1.shape[0]], z2[:, : t2.shape[1]] = t1, t2
-                        l1.append(z1)
-                        l2.append(z2)
-                    state[f"{p}.{group}.{w}.lora_l1"], state[f"{p}.{group}.{w}.lora_l2"] = torch.stack(l1), torch.stack(l2)
+                    r = args.lora_rank
+                    lora_bank(f"{p}.{group}.{w}.lora_l1", f"{p}.{group}.lora_{w}_l1.weight", (r, in_f), 0)
+                    lora_bank(f"{p}.{group}.{w}.lora_l2", f"{p}.{group}.lora_{w}_l2.weight", (out_f, r), 1)
         if args.query_len:
-            gates = []
-            for a in range(A):
-                g = take(a, f"{p}.attention.gate")
-                if g is None and i in args.adapted_layers:
-                    warnings.warn(f"{adapters[a][0].path}: no gate for layer {i}; it starts at 0 (adapter off)")
-                gates.append(torch.zeros(args.n_heads) if g is None else g.reshape(-1))
-            state[f"{p}.attention.gate"] = torch.stack(gates)
+            for spec, sd in adapters:
+                if f"{p}.attention.gate" not in sd and i in args.adapted_layers:
+                    warnings.warn(f"{spec.path}: no gate for layer {i}; it starts at 0 (prompts off)", stacklevel=2)
+            bank(f"{p}.attention.gate", f"{p}.attention.gate", torch.zeros(args.n_heads))
             if args.w_new_gate:
-                bank(f"{p}.attention.new_gate", f"{p}.attention.new_gate", lambda: torch.ones(()))
-    base = state.pop("llama.norm.weight").float()
-    bank("llama.norm.weight", "llama.norm.weight", lambda: base)
+                bank(f"{p}.attention.new_gate", f"{p}.attention.new_gate", torch.ones(()))
+    bank("llama.norm.weight", "llama.norm.weight", state.pop("llama.norm.weight").float())
 
     for a, (spec, sd) in enumerate(adapters):
         leftover = {k for k in sd if k.startswith("llama.")} - used[a]
         if leftover:
             raise CheckpointError(
-                f"{spec.path}: unexpected keys {_keys_list(leftover)} (shapes or names this model does not "
-                "have). Check that the adapter matches the base model (e.g. a 7B adapter on a 7B base)."
+                f"{spec.path}: unexpected keys {_keys_list(leftover)}: names this model does not have. "
+                "Check that the file is a LLaMA-Adapter V2 checkpoint for this base model."
             )
 
 
@@ -545,7 +563,7 @@ def read_gguf(path: Path) -> tuple[ModelArgs, dict[str, Tensor], BPETokenizer, s
         # GGML dims are reversed: a (out, in) linear weight is stored as [in, out]
         shape = tuple(int(d) for d in reversed(t.shape))
         array = dequantize(t.data, t.tensor_type).reshape(shape)
-        state[name] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        state[name] = torch.from_numpy(np.array(array, dtype=np.float32))  # a copy: the file is mmapped
 
     tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
     if _gguf_value(reader, "tokenizer.ggml.model") != "gpt2":

@@ -12,8 +12,8 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision.transforms import functional as TF
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

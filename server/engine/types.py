@@ -1,0 +1,116 @@
+"""The engine's vocabulary: requests, sampling parameters, per-step outputs and typed errors.
+
+Frozen dataclasses only; no FastAPI, no pydantic. The HTTP layer converts its wire types into these and
+maps the errors below to HTTP statuses in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # 1 = off (CTRL-style, on prompt + output tokens)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    seed: int | None = None  # same seed → same text, whatever else is in the batch
+    stop: tuple[str, ...] = ()  # the returned text never contains them
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    n: int = 1  # choices
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """A preprocessed image (3, S, S), keyed by the sha256 of its original bytes."""
+
+    pixels: torch.Tensor
+    sha256: str
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams = SamplingParams()
+    adapter: str | None = None  # None: the only/first adapter (or the plain model)
+    images: tuple[ImageInput, ...] = ()  # empty: the text-only convention (zero image) for adapters
+    deadline: float | None = None  # time.monotonic() after which the request is aborted
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()  # (id, text, logprob) best first
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One step's delta for one choice of a request."""
+
+    request_id: str
+    index: int  # choice index (n > 1)
+    text: str  # new text since the previous delta (UTF-8 safe; stop strings never included)
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_cache_usage: float  # 0..1
+    tokens_per_second: float
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+
+class EngineError(Exception):
+    """Base of the engine's typed errors."""
+
+
+class QueueFullError(EngineError):
+    def __init__(self, waiting: int, limit: int, retry_after: float = 1.0):
+        super().__init__(f"server overloaded: {waiting} requests waiting (limit {limit}); retry later")
+        self.retry_after = retry_after
+
+
+class ContextLengthError(EngineError):
+    def __init__(self, prompt_tokens: int, max_tokens: int, context: int):
+        super().__init__(
+            f"this model's context is {context} tokens; the prompt has {prompt_tokens} tokens and "
+            f"{max_tokens} more were requested for the completion ({prompt_tokens + max_tokens} in all). "
+            "Shorten the prompt or lower max_tokens."
+        )
+        self.prompt_tokens, self.max_tokens, self.context = prompt_tokens, max_tokens, context
+
+
+class UnknownAdapterError(EngineError):
+    def __init__(self, name: str, available: tuple[str, ...]):
+        super().__init__(f"the model {name!r} does not exist; available: {', '.join(available) or '-'}")
+        self.name = name
+
+
+class EngineStoppedError(EngineError):
+    """The engine is draining or stopped and admits no new requests."""
