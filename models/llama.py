@@ -88,6 +88,21 @@ def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     return out.flatten(-2).type_as(x)
 
 
+def linear(x: Tensor, weight: Tensor, packed: Tensor | None) -> Tensor:
+    """F.linear, or oneDNN's linear over a weight prepacked by `pack_weight` (CPU: 1.5-5x faster GEMV)."""
+    if packed is None:
+        return F.linear(x, weight)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")
+
+
+def pack_weight(weight: Tensor) -> Tensor | None:
+    """The oneDNN blocked layout of a CPU fp32/bf16 weight (a copy), or None where that path is unavailable."""
+    ok = weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+    if not (ok and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+
 class AdapterLinear(nn.Module):
     """nn.Linear (no bias) over the frozen base weight, plus optional per-adapter bias and LoRA banks."""
 
@@ -99,12 +114,13 @@ class AdapterLinear(nn.Module):
         lora = args.w_lora and A > 0
         self.lora_l1 = nn.Parameter(torch.zeros(A, r, d_in)) if lora else None  # (A, r, in)
         self.lora_l2 = nn.Parameter(torch.zeros(A, d_out, r)) if lora else None  # (A, out, r)
+        self.packed: Tensor | None = None  # prepacked copy of `weight` (see Transformer.pack_weights)
 
     def base(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight)
+        return linear(x, self.weight, self.packed)
 
     def forward(self, x: Tensor, adapter_ids: Tensor | None) -> Tensor:
-        y = F.linear(x, self.weight)  # (B, T, out)
+        y = linear(x, self.weight, self.packed)  # (B, T, out)
         if adapter_ids is None:
             return y
         if self.bias is not None:
@@ -123,6 +139,7 @@ class AdapterLinear(nn.Module):
         delta = self.lora_l2[0].float() @ self.lora_l1[0].float()
         self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
         self.lora_l1, self.lora_l2 = None, None
+        self.packed = None if self.packed is None else pack_weight(self.weight)
 
 
 class Attention(nn.Module):
@@ -146,6 +163,7 @@ class Attention(nn.Module):
         cache: tuple[Tensor, Tensor] | None,  # this layer's (k, v): (S, K, max_len, D)
         slots: Tensor | None,  # (B,)
         prompt_kv: tuple[Tensor, Tensor, Tensor | None] | None,  # (B, K, P, D) x2, mask (B, P)
+        kv_len: int | None = None,  # keys to read: max(positions) + 1 unless given (no host sync: compilable)
     ) -> Tensor:
         a = self.args
         B, T, _ = x.shape
@@ -161,7 +179,7 @@ class Attention(nn.Module):
             cache_k, cache_v = cache
             cache_k[slots[:, None], :, positions] = k  # advanced indices first: (B, T, K, D)
             cache_v[slots[:, None], :, positions] = v
-            L = int(positions.max()) + 1
+            L = int(positions.max()) + 1 if kv_len is None else kv_len
             keys, values = cache_k[slots, :, :L], cache_v[slots, :, :L]  # (B, K, L, D)
             key_pos = torch.arange(L, device=x.device).expand(B, L)
         # causal by position: query at p sees keys at positions <= p (stale cache entries are masked)
@@ -207,8 +225,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps, banks)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, banks)
 
-    def forward(self, x, positions, adapter_ids, cache, slots, prompt_kv) -> Tensor:
-        h = x + self.attention(self.attention_norm(x, adapter_ids), positions, adapter_ids, cache, slots, prompt_kv)
+    def forward(self, x, positions, adapter_ids, cache, slots, prompt_kv, kv_len=None) -> Tensor:
+        h = self.attention_norm(x, adapter_ids)
+        h = x + self.attention(h, positions, adapter_ids, cache, slots, prompt_kv, kv_len)
         return h + self.feed_forward(self.ffn_norm(h, adapter_ids), adapter_ids)
 
 
@@ -220,6 +239,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, max(args.n_adapters, 1))
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output_packed: Tensor | None = None
 
     def forward(
         self,
@@ -231,6 +251,7 @@ class Transformer(nn.Module):
         adapter_ids: Tensor | None = None,  # (B,) bank row of each row; None for a plain model
         prompt_kv: PromptKV | None = None,
         last_only: bool = True,
+        kv_len: int | None = None,  # cached keys to attend over (≥ max(positions) + 1); None: computed
     ) -> Tensor:
         """Logits as float32: (B, vocab) for the last position, or (B, T, vocab) with last_only=False."""
         h = self.tok_embeddings(tokens)  # (B, T, dim)
@@ -241,12 +262,12 @@ class Transformer(nn.Module):
             if prompt_kv is not None and i in adapted:
                 j = i - adapted.start
                 pkv = (prompt_kv.k[j], prompt_kv.v[j], prompt_kv.mask)
-            h = layer(h, positions, adapter_ids, layer_cache, slots, pkv)
+            h = layer(h, positions, adapter_ids, layer_cache, slots, pkv, kv_len)
         if last_only:
             h = h[:, -1:, :]
         h = self.norm(h, adapter_ids)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        logits = F.linear(h, weight).float()
+        logits = linear(h, weight, self.output_packed).float()
         return logits[:, -1] if last_only else logits
 
     def prompt_kv(self, prompts: Tensor) -> tuple[Tensor, Tensor]:
@@ -271,3 +292,11 @@ class Transformer(nn.Module):
         for layer in self.layers:
             for linear in (layer.attention.wq, layer.attention.wo, *layer.feed_forward.children()):
                 linear.merge_lora()
+
+    @torch.no_grad()
+    def pack_weights(self) -> None:
+        """CPU inference: keep a oneDNN-prepacked copy of every base weight (more memory, faster GEMV)."""
+        for module in self.modules():
+            if isinstance(module, AdapterLinear):
+                module.packed = pack_weight(module.weight)
+        self.output_packed = pack_weight(self.tok_embeddings.weight if self.output is None else self.output.weight)

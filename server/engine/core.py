@@ -1,0 +1,237 @@
+"""The synchronous engine core: `step()` = schedule → run → update.
+
+It turns requests into sequences (one per choice), runs the scheduler's plan on the model runner, samples,
+and turns sampled tokens into per-choice `RequestOutput` deltas: incremental UTF-8-safe text, stop strings
+withheld while they may still be forming and never emitted, logprobs, finish reasons. Runs on the engine
+thread only; the async front end (engine.py) feeds it and forwards its outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from models.loading import DTYPES, LoadedModel
+from models.tokenizer import IncrementalDetokenizer
+from server.engine.runner import ModelRunner
+from server.engine.sampling import Sampled, SamplingState, sample
+from server.engine.scheduler import Scheduler, SchedulerOutput, Sequence
+from server.engine.types import FinishReason, GenerateRequest, RequestOutput, TokenLogprob
+
+
+@dataclass(eq=False)
+class _Choice:
+    """Text-side state of one sequence: detokenizer, stop-string window, sampling state."""
+
+    seq: Sequence
+    request: GenerateRequest
+    adapter_id: int
+    sampling: SamplingState
+    detok: IncrementalDetokenizer
+    text: str = ""  # decoded output so far (may end in a held-back stop-string prefix)
+    emitted: int = 0  # characters of `text` already sent
+    pending_ids: list[int] = field(default_factory=list)  # ids since the last delta
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_context: int = 2048  # tokens per sequence (prompt + completion)
+    max_batch: int = 16  # running sequences (one KV slot each)
+    kv_cache_bytes: int | None = None  # KV budget; slots = min(max_batch, budget // bytes per slot)
+    max_waiting: int = 64  # requests waiting for a slot (reservations included)
+    prefill_chunk: int = 256  # prompt tokens per step: a long prompt never stalls decode for long
+    dtype: str | None = None  # KV cache dtype ("fp32" | "bf16" | "fp16"); None: the weights' dtype
+    pack_weights: bool = True  # oneDNN-prepacked weight copies (CPU): faster GEMV for a little more memory
+    max_images: int = 4  # per request
+    vision_cache_size: int = 64  # visual queries kept, keyed by (adapter, image sha256)
+
+
+def kv_bytes_per_slot(loaded: LoadedModel, max_context: int, dtype: torch.dtype) -> int:
+    a = loaded.model.llama.args
+    return 2 * a.n_layers * a.kv_heads * max_context * a.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class EngineCore:
+    def __init__(self, loaded: LoadedModel, runner: ModelRunner, scheduler: Scheduler,
+                 on_admit: Callable[[str], None] | None = None):
+        self.loaded, self.runner, self.scheduler = loaded, runner, scheduler
+        self.on_admit = on_admit  # told when a request leaves the waiting queue
+        self.tokenizer = loaded.tokenizer
+        self.choices: dict[Sequence, _Choice] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    @staticmethod
+    def from_config(loaded: LoadedModel, config: EngineConfig,
+                    on_admit: Callable[[str], None] | None = None) -> EngineCore:
+        """Sizes the KV cache from the byte budget (slots = min(max_batch, budget // bytes per slot))."""
+        weights = loaded.model.llama.tok_embeddings.weight.dtype
+        kv_dtype = DTYPES[config.dtype] if config.dtype else weights
+        per_slot = kv_bytes_per_slot(loaded, config.max_context, kv_dtype)
+        n_slots = config.max_batch
+        if config.kv_cache_bytes is not None:
+            n_slots = min(n_slots, config.kv_cache_bytes // per_slot)
+            if n_slots < 1:
+                raise ValueError(
+                    f"a KV cache budget of {config.kv_cache_bytes} bytes cannot hold one sequence of "
+                    f"{config.max_context} tokens ({per_slot} bytes); raise the budget or lower max_context"
+                )
+        runner = ModelRunner(loaded, n_slots=n_slots, max_context=config.max_context, kv_dtype=kv_dtype,
+                             max_images=config.max_images, vision_cache_size=config.vision_cache_size,
+                             pack_weights=config.pack_weights)
+        scheduler = Scheduler(n_slots, config.max_batch, config.prefill_chunk, config.max_context)
+        return EngineCore(loaded, runner, scheduler, on_admit)
+
+    def generate_all(self, requests: list[tuple[GenerateRequest, int]]) -> dict[str, list[RequestOutput]]:
+        """Offline use (tests, benchmarks): adds (request, adapter id) pairs, steps until all have finished."""
+        for request, adapter_id in requests:
+            self.add_request(request, adapter_id)
+        outputs: dict[str, list[RequestOutput]] = {r.request_id: [] for r, _ in requests}
+        while self.has_work():
+            for out in self.step():
+                outputs[out.request_id].append(out)
+        return outputs
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def add_request(self, request: GenerateRequest, adapter_id: int) -> None:
+        p = request.sampling
+        stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.loaded.stop_ids)
+        seqs = []
+        for i in range(p.n):
+            seq = Sequence(request.request_id, i, list(request.prompt_ids), p.max_tokens, stop_ids)
+            state = SamplingState.create(p, request.prompt_ids, i)
+            self.choices[seq] = _Choice(seq, request, adapter_id, state, IncrementalDetokenizer(self.tokenizer))
+            seqs.append(seq)
+        self.scheduler.add(seqs)
+
+    def abort(self, request_id: str, reason: FinishReason = "abort") -> list[RequestOutput]:
+        return [self._finish(seq, reason) for seq in self.scheduler.abort(request_id, reason)]
+
+    def abort_all(self, reason: FinishReason = "abort") -> list[RequestOutput]:
+        ids = {c.request.request_id for c in self.choices.values()}
+        return [out for rid in ids for out in self.abort(rid, reason)]
+
+    def abort_expired(self, now: float) -> list[RequestOutput]:
+        expired = {c.request.request_id for c in self.choices.values()
+                   if c.request.deadline is not None and now >= c.request.deadline}
+        return [out for rid in expired for out in self.abort(rid)]
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---------------------------------------------------------------------------------------------- step
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        seqs, logits = self.run(plan)
+        return self.update(seqs, logits)
+
+    def run(self, plan: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Executes the plan; returns the sequences that sample this step and their logits (B, V)."""
+        for seq in plan.admitted:
+            choice = self.choices[seq]
+            self.runner.admit(seq.slot, choice.adapter_id, choice.request.images)
+            if self.on_admit is not None:
+                self.on_admit(seq.request_id)
+        rows, logits = [], []
+        if plan.decode:
+            decode = list(plan.decode)
+            logits.append(self.runner.decode(
+                [s.slot for s in decode], [s.output_ids[-1] for s in decode], [s.num_computed for s in decode]
+            ))
+            rows += decode
+        for chunk in plan.prefill:
+            seq = chunk.seq
+            out = self.runner.prefill(seq.slot, seq.prompt_ids[chunk.start : chunk.end], chunk.start)
+            self.prompt_tokens_total += chunk.end - chunk.start
+            if chunk.last:
+                rows.append(seq)
+                logits.append(out[None])
+        self.scheduler.computed(plan)
+        return rows, (torch.cat(logits) if logits else None)
+
+    def update(self, seqs: list[Sequence], logits: torch.Tensor | None) -> list[RequestOutput]:
+        if not seqs:
+            return []
+        sampled = sample(logits, [self.choices[s].sampling for s in seqs])
+        outputs = []
+        for seq, s in zip(seqs, sampled, strict=True):
+            self.generation_tokens_total += 1
+            out = self._on_token(seq, s)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    # ------------------------------------------------------------------------------------------- outputs
+
+    def _on_token(self, seq: Sequence, s: Sampled) -> RequestOutput | None:
+        choice = self.choices[seq]
+        p = choice.sampling.params
+        choice.pending_ids.append(s.token_id)
+        if s.logprob is not None:
+            tt = self.tokenizer.token_text
+            choice.pending_logprobs.append(TokenLogprob(
+                s.token_id, tt(s.token_id), s.logprob, tuple((i, tt(i), lp) for i, lp in s.top)
+            ))
+        reason = self.scheduler.append_token(seq, s.token_id)
+        if reason != "stop":  # a stop token's text is never shown
+            choice.text += choice.detok.push(s.token_id)
+        if p.stop:
+            hit = min((i for i in (choice.text.find(x, max(0, choice.emitted - len(x))) for x in p.stop)
+                       if i >= 0), default=-1)
+            if hit >= 0:
+                choice.text = choice.text[:hit]
+                if reason is None:
+                    self.scheduler.finish(seq, "stop")
+                reason = "stop"
+        if reason is not None:
+            return self._finish(seq, reason)
+        safe = len(choice.text) - _held_back(choice.text, p.stop)
+        if safe <= choice.emitted and not choice.pending_logprobs:
+            return None  # nothing to say yet (held-back bytes or a possible stop string)
+        return self._delta(choice, safe)
+
+    def _delta(self, choice: _Choice, upto: int, reason: FinishReason | None = None) -> RequestOutput:
+        text = choice.text[choice.emitted : upto]
+        choice.emitted = max(choice.emitted, upto)
+        out = RequestOutput(
+            request_id=choice.request.request_id,
+            index=choice.seq.index,
+            text=text,
+            token_ids=tuple(choice.pending_ids),
+            logprobs=tuple(choice.pending_logprobs),
+            finished=reason is not None,
+            finish_reason=reason,
+            prompt_tokens=len(choice.seq.prompt_ids),
+            completion_tokens=len(choice.seq.output_ids),
+        )
+        choice.pending_ids, choice.pending_logprobs = [], []
+        return out
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> RequestOutput:
+        choice = self.choices.pop(seq)
+        if reason in ("length", "abort", "error"):  # release what the detokenizer held back
+            choice.text += choice.detok.flush()
+            stops = choice.sampling.params.stop
+            hits = [i for i in (choice.text.find(x, max(0, choice.emitted - len(x))) for x in stops) if i >= 0]
+            if hits:
+                choice.text = choice.text[: min(hits)]
+                reason = "stop" if reason == "length" else reason
+        self.scheduler.finish(seq, reason)
+        return self._delta(choice, len(choice.text), reason)
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string (it may still form)."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+

@@ -1,0 +1,291 @@
+"""The async front end: one engine thread running `EngineCore.step()`, per-request asyncio queues, aborts.
+
+The event loop never runs model work: `generate` hands a request to the engine thread through a
+thread-safe inbox and awaits deltas that the thread posts back with `loop.call_soon_threadsafe`. Leaving
+the iterator early (client gone, task cancelled) or passing a request's deadline aborts it, and the abort is
+applied before the next step, so its slot is free for the next request. The waiting queue is bounded:
+`check_capacity` / `reserve` refuse with `QueueFullError` before any expensive per-request work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+
+from models.loading import LoadedModel
+from server.engine.core import EngineConfig, EngineCore
+from server.engine.sampling import validate_params
+from server.engine.types import (
+    ContextLengthError,
+    EngineStats,
+    EngineStoppedError,
+    GenerateRequest,
+    QueueFullError,
+    RequestOutput,
+    UnknownAdapterError,
+)
+
+__all__ = ["AsyncEngine", "EngineConfig", "Reservation"]
+
+log = logging.getLogger("lamina.engine")
+
+
+class Reservation:
+    """A place in the waiting queue taken before expensive per-request work; pass it to `generate`."""
+
+    def __init__(self, engine: AsyncEngine):
+        self._engine: AsyncEngine | None = engine
+
+    def release(self) -> None:
+        if self._engine is not None:
+            self._engine._unqueue(None)
+            self._engine = None
+
+    def _consume(self) -> None:
+        self._engine = None  # its place now belongs to the submitted request
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class AsyncEngine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig):
+        self.loaded, self.config = loaded, config
+        self.core = EngineCore.from_config(loaded, config, on_admit=self._unqueue)
+        self.runner = self.core.runner
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._waiting = 0  # reservations + submitted requests not yet admitted
+        self._queued: set[str] = set()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._rate: deque[tuple[float, int]] = deque()  # (time, tokens) per step over the last seconds
+        self._running_rows = 0
+        self._draining = False
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------------------------------- facts
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return self.loaded.adapter_names
+
+    @property
+    def max_context(self) -> int:
+        return self.config.max_context
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def n_slots(self) -> int:
+        return self.runner.n_slots
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Starts the engine thread; returns once the model is warmed up (and compiled, if enabled)."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        ready = self._loop.create_future()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="lamina-engine", daemon=True)
+        self._thread.start()
+        await ready
+
+    async def shutdown(self, drain_timeout: float = 30.0) -> None:
+        """Stops admitting, lets in-flight requests finish for up to drain_timeout s, aborts the rest."""
+        self._draining = True
+        deadline = time.monotonic() + drain_timeout
+        while self._queues and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self._queues:
+            self._inbox.put(("abort_all",))
+            self._wake.set()
+            end = time.monotonic() + 5
+            while self._queues and time.monotonic() < end:
+                await asyncio.sleep(0.02)
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    # ------------------------------------------------------------------------------------------ admission
+
+    def check_capacity(self) -> None:
+        """Cheap and synchronous: raises QueueFullError / EngineStoppedError before any expensive work."""
+        if self._draining or self._stop:
+            raise EngineStoppedError("the engine is shutting down and admits no new requests")
+        if self._waiting >= self.config.max_waiting:
+            raise QueueFullError(self._waiting, self.config.max_waiting)
+
+    def reserve(self) -> Reservation:
+        with self._lock:
+            self.check_capacity()
+            self._waiting += 1
+        return Reservation(self)
+
+    def _unqueue(self, request_id: str | None) -> None:
+        """A reservation was released (None) or a request left the waiting queue (admitted or finished)."""
+        with self._lock:
+            if request_id is None:
+                self._waiting -= 1
+            elif request_id in self._queued:
+                self._queued.discard(request_id)
+                self._waiting -= 1
+
+    def adapter_id(self, name: str | None) -> int:
+        if name is None:
+            return 0
+        if name in self.adapters:
+            return self.adapters.index(name)
+        if not self.adapters and name == self.loaded.name:
+            return 0
+        raise UnknownAdapterError(name, self.adapters or (self.loaded.name,))
+
+    def validate(self, request: GenerateRequest) -> None:
+        """Typed errors before streaming starts: ContextLengthError, UnknownAdapterError, ValueError."""
+        p = request.sampling
+        vocab = self.loaded.model.llama.args.vocab_size
+        if not request.prompt_ids:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= t < vocab for t in request.prompt_ids):
+            raise ValueError("the prompt has token ids outside the vocabulary")
+        validate_params(p, vocab)
+        if len(request.prompt_ids) + p.max_tokens > self.max_context:
+            raise ContextLengthError(len(request.prompt_ids), p.max_tokens, self.max_context)
+        self.adapter_id(request.adapter)
+        if request.images:
+            model = self.loaded.model
+            if not model.multimodal:
+                raise ValueError(f"{self.loaded.name} does not take images")
+            if len(request.images) > self.config.max_images:
+                raise ValueError(f"at most {self.config.max_images} images per request")
+            S = model.image_size
+            for img in request.images:
+                if tuple(img.pixels.shape) != (3, S, S):
+                    raise ValueError(f"image tensor of shape {tuple(img.pixels.shape)}; expected (3, {S}, {S})")
+
+    async def generate(self, request: GenerateRequest, reservation: Reservation | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Per-choice deltas until every choice has finished; leaving early aborts the request."""
+        try:
+            self.validate(request)
+            if reservation is None or reservation._engine is None:
+                reservation = self.reserve()
+        except BaseException:
+            if reservation is not None:
+                reservation.release()
+            raise
+        rid = request.request_id
+        if rid in self._queues:
+            reservation.release()
+            raise ValueError(f"request id {rid!r} is already running")
+        outputs: asyncio.Queue = asyncio.Queue()
+        self._queues[rid] = outputs
+        with self._lock:
+            reservation._consume()
+            self._queued.add(rid)
+        self._inbox.put(("add", request, self.adapter_id(request.adapter)))
+        self._wake.set()
+        remaining = request.sampling.n
+        try:
+            while remaining:
+                out = await outputs.get()
+                remaining -= out.finished
+                yield out
+        finally:
+            self._queues.pop(rid, None)
+            if remaining:
+                self._inbox.put(("abort", rid))
+                self._wake.set()
+
+    # ---------------------------------------------------------------------------------------------- stats
+
+    def stats(self) -> EngineStats:
+        now = time.monotonic()
+        with self._lock:
+            window = [(t, n) for t, n in self._rate if now - t <= 10.0]
+            waiting = self._waiting
+        rate = sum(n for _, n in window) / (now - window[0][0]) if len(window) > 1 else 0.0
+        return EngineStats(
+            running=self._running_rows,
+            waiting=waiting,
+            kv_cache_usage=self.core.scheduler.slots_in_use / self.runner.n_slots,
+            tokens_per_second=rate,
+            prompt_tokens_total=self.core.prompt_tokens_total,
+            generation_tokens_total=self.core.generation_tokens_total,
+        )
+
+    # -------------------------------------------------------------------------------------- engine thread
+
+    def _run(self, ready: asyncio.Future) -> None:
+        try:
+            self.runner.warmup()
+        except BaseException as e:  # noqa: BLE001 - reported to start()
+            self._loop.call_soon_threadsafe(ready.set_exception, e)
+            return
+        self._loop.call_soon_threadsafe(ready.set_result, None)
+        while True:
+            outputs = self._drain_inbox()
+            if self._stop:
+                outputs += self.core.abort_all()
+                self._publish(outputs)
+                return
+            outputs += self.core.abort_expired(time.monotonic())
+            if self.core.has_work():
+                try:
+                    generated = self.core.generation_tokens_total
+                    outputs += self.core.step()
+                    with self._lock:
+                        self._rate.append((time.monotonic(), self.core.generation_tokens_total - generated))
+                        while self._rate and time.monotonic() - self._rate[0][0] > 10.0:
+                            self._rate.popleft()
+                except Exception:
+                    log.exception("engine step failed; failing the requests in flight")
+                    outputs += self.core.abort_all("error")
+            self._running_rows = len(self.core.scheduler.running)
+            self._publish(outputs)
+            self._wake.clear()
+            if not self.core.has_work() and self._inbox.empty():
+                self._wake.wait(timeout=0.1)
+
+    def _drain_inbox(self) -> list[RequestOutput]:
+        outputs = []
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return outputs
+            if cmd[0] == "add":
+                self.core.add_request(cmd[1], cmd[2])
+            elif cmd[0] == "abort":
+                outputs += self.core.abort(cmd[1])
+                self._unqueue(cmd[1])
+            elif cmd[0] == "abort_all":
+                outputs += self.core.abort_all()
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            if out.finished:
+                self._unqueue(out.request_id)
+        if outputs:
+            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            q = self._queues.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)

@@ -1,0 +1,150 @@
+"""The model runner: owns the device tensors — KV cache slots, per-slot adapter prompt K/V — and runs forwards.
+
+- KV cache: `n_slots` slots of `max_context` positions each (`KVCache`), sized by the engine from a byte
+  budget. A sequence keeps one slot from admission to finish; stale entries past a row's position are
+  masked by the model, so a freed slot is reused without clearing.
+- Per slot, computed once at admission: the adapter id and the adaption-prompt K/V of every adapted layer
+  (from the visual query of each image). Visual queries are kept in an LRU keyed by (adapter, image
+  sha256), so the same image arriving again costs no CLIP/visual encoding.
+- `prefill` runs one prompt chunk of one sequence; `decode` runs one token for each of B sequences in one
+  batched forward (rows at different positions, different adapters). Both return float32 logits.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from models.llama import KVCache, PromptKV
+from models.loading import LoadedModel
+from server.engine.types import ImageInput
+
+
+@dataclass(frozen=True)
+class RunnerStats:
+    vision_hits: int
+    vision_misses: int
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        n_slots: int,
+        max_context: int,
+        kv_dtype: torch.dtype,
+        max_images: int = 4,
+        vision_cache_size: int = 64,
+        pack_weights: bool = True,
+    ):
+        self.model = loaded.model
+        self.llama = loaded.model.llama
+        args = self.llama.args
+        self.args = args
+        self.n_slots, self.max_context = n_slots, max_context
+        if pack_weights:
+            self.llama.pack_weights()  # oneDNN-prepacked copies: the fast CPU GEMV path
+        self.cache = KVCache.allocate(args, n_slots, max_context, kv_dtype)
+        self.adapters = args.n_adapters > 0
+        self.slot_adapter = torch.zeros(n_slots, dtype=torch.long)  # (S,)
+        # adaption prompts: up to max_images × query_len per slot; `slot_prompts` counts the valid ones
+        self.prompts_on = self.adapters and args.query_len > 0 and len(args.adapted_layers) > 0
+        if self.prompts_on:
+            P = args.query_len * max_images
+            shape = (len(args.adapted_layers), n_slots, args.kv_heads, P, args.head_dim)
+            wdtype = self.llama.tok_embeddings.weight.dtype
+            self.prompt_k, self.prompt_v = torch.zeros(shape, dtype=wdtype), torch.zeros(shape, dtype=wdtype)
+        self.slot_prompts = [0] * n_slots
+        self.max_images = max_images
+        self.vision_cache: OrderedDict[tuple[int, str], Tensor] = OrderedDict()
+        self.vision_cache_size = vision_cache_size
+        self.vision_hits = self.vision_misses = 0
+
+    @property
+    def kv_bytes(self) -> int:
+        return 2 * self.cache.k.numel() * self.cache.k.element_size()
+
+    # ------------------------------------------------------------------------------------------ admission
+
+    def visual_query(self, image: ImageInput | None, adapter_id: int) -> Tensor:
+        """(Q, dim) visual query of one image (None: the zero image), from the LRU when seen before."""
+        key = (adapter_id, image.sha256 if image is not None else "zero-image")
+        vq = self.vision_cache.get(key)
+        if vq is not None:
+            self.vision_hits += 1
+            self.vision_cache.move_to_end(key)
+            return vq
+        self.vision_misses += 1
+        pixels = (image.pixels if image is not None else self.model.zero_image()[0])[None]  # (1, 3, S, S)
+        vq = self.model.encode_image(pixels, adapter_id)[0]  # (Q, dim)
+        self.vision_cache[key] = vq
+        if len(self.vision_cache) > self.vision_cache_size:
+            self.vision_cache.popitem(last=False)
+        return vq
+
+    @torch.inference_mode()
+    def admit(self, slot: int, adapter_id: int, images: tuple[ImageInput, ...]) -> None:
+        """Sets up a slot for a new sequence: its adapter and the prompt K/V of its image(s)."""
+        self.slot_adapter[slot] = adapter_id
+        if not self.prompts_on:
+            return
+        vqs = [self.visual_query(img, adapter_id) for img in images] or [self.visual_query(None, adapter_id)]
+        pkv = self.model.prompt_kv(vqs, adapter_id)  # k, v: (n_adapted, 1, K, P, D)
+        P = pkv.k.shape[3]
+        self.prompt_k[:, slot, :, :P] = pkv.k[:, 0]
+        self.prompt_v[:, slot, :, :P] = pkv.v[:, 0]
+        self.slot_prompts[slot] = P
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Shares a prefilled prompt with another choice of the same request (n > 1)."""
+        self.cache.k[:, dst, :, :length] = self.cache.k[:, src, :, :length]
+        self.cache.v[:, dst, :, :length] = self.cache.v[:, src, :, :length]
+        self.slot_adapter[dst] = self.slot_adapter[src]
+        if self.prompts_on:
+            self.prompt_k[:, dst], self.prompt_v[:, dst] = self.prompt_k[:, src], self.prompt_v[:, src]
+            self.slot_prompts[dst] = self.slot_prompts[src]
+
+    def _batch_inputs(self, slots: list[int]) -> tuple[Tensor | None, PromptKV | None]:
+        if not self.adapters:
+            return None, None
+        idx = torch.tensor(slots)
+        adapter_ids = self.slot_adapter[idx]  # (B,)
+        if not self.prompts_on:
+            return adapter_ids, None
+        counts = [self.slot_prompts[s] for s in slots]
+        P = max(counts)
+        k, v = self.prompt_k[:, idx, :, :P], self.prompt_v[:, idx, :, :P]  # (n_adapted, B, K, P, D)
+        mask = None
+        if min(counts) != P:
+            mask = torch.arange(P)[None, :] < torch.tensor(counts)[:, None]  # (B, P)
+        return adapter_ids, PromptKV(k, v, mask)
+
+    # ------------------------------------------------------------------------------------------- forwards
+
+    def warmup(self) -> None:
+        """Runs the forward paths once before serving (first-call allocations, oneDNN primitive creation)."""
+        self.prefill(0, [0, 0], 0)
+        self.decode([0], [0], [2])
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, tokens: list[int], start: int) -> Tensor:
+        """Writes tokens at positions start.. into the slot; returns the last position's logits (V,)."""
+        adapter_ids, pkv = self._batch_inputs([slot])
+        logits = self.llama(
+            torch.tensor([tokens]), torch.arange(start, start + len(tokens))[None], cache=self.cache,
+            slots=torch.tensor([slot]), adapter_ids=adapter_ids, prompt_kv=pkv,
+        )  # (1, V)
+        return logits[0]
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> Tensor:
+        """One new token per row → logits (B, V)."""
+        adapter_ids, pkv = self._batch_inputs(slots)
+        return self.llama(
+            torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], cache=self.cache,
+            slots=torch.tensor(slots), adapter_ids=adapter_ids, prompt_kv=pkv,
+        )

@@ -1,0 +1,145 @@
+"""Continuous-batching scheduler: waiting queue, cache slots, admission, chunked-prefill budget, stops.
+
+Pure Python (no torch), so it is unit-tested with hand-made outputs. Each choice of a request is one
+`Sequence` holding one KV-cache slot from admission to finish. Every step decodes one token for each running
+sequence whose prompt is in the cache, and spends a token budget on prompt chunks (sequences still
+prefilling first, then newly admitted ones) so a long prompt never stalls running streams for long.
+Stop strings need text and are checked by the core, which then calls `finish`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from server.engine.types import FinishReason
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One choice of one request: its tokens and where they are in the KV cache (engine-internal, mutable)."""
+
+    request_id: str
+    index: int  # choice index
+    prompt_ids: list[int]
+    max_tokens: int
+    stop_ids: frozenset[int] = frozenset()
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    slot: int | None = None
+    finish_reason: FinishReason | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < len(self.prompt_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    seq: Sequence
+    start: int  # prompt_ids[start:end] go into the cache at positions start..end-1
+    end: int
+
+    @property
+    def last(self) -> bool:
+        """The chunk completes the prompt: its last logits give the first output token."""
+        return self.end == len(self.seq.prompt_ids)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    admitted: tuple[Sequence, ...]  # got a slot this step (the runner sets up their prompt K/V)
+    prefill: tuple[PrefillChunk, ...]
+    decode: tuple[Sequence, ...]  # one token each: output_ids[-1] at position num_computed
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefill and not self.decode
+
+
+class Scheduler:
+    def __init__(self, n_slots: int, max_batch: int, prefill_budget: int, max_context: int):
+        self.max_batch = min(max_batch, n_slots)
+        self.prefill_budget = prefill_budget
+        self.max_context = max_context
+        self.free_slots: list[int] = list(range(n_slots - 1, -1, -1))  # pop() → lowest slot first
+        self.n_slots = n_slots
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seqs: list[Sequence]) -> None:
+        self.waiting.extend(seqs)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        decode = tuple(s for s in self.running if not s.prefilling)
+        budget = self.prefill_budget
+        prefill = []
+        for seq in self.running:  # continue prompts admitted earlier, oldest first
+            if seq.prefilling and budget > 0:
+                end = min(len(seq.prompt_ids), seq.num_computed + budget)
+                prefill.append(PrefillChunk(seq, seq.num_computed, end))
+                budget -= end - seq.num_computed
+        admitted = []
+        while self.waiting and budget > 0 and self.free_slots and len(self.running) < self.max_batch:
+            seq = self.waiting.popleft()
+            seq.slot = self.free_slots.pop()
+            self.running.append(seq)
+            admitted.append(seq)
+            end = min(len(seq.prompt_ids), budget)
+            prefill.append(PrefillChunk(seq, 0, end))
+            budget -= end
+        return SchedulerOutput(tuple(admitted), tuple(prefill), decode)
+
+    def computed(self, out: SchedulerOutput) -> None:
+        """The runner wrote the scheduled tokens into the cache."""
+        for chunk in out.prefill:
+            chunk.seq.num_computed = chunk.end
+        for seq in out.decode:
+            seq.num_computed += 1
+
+    def append_token(self, seq: Sequence, token: int) -> FinishReason | None:
+        """Record a sampled token and apply the token-level stops; finishes the sequence if one hits."""
+        seq.output_ids.append(token)
+        if token in seq.stop_ids:
+            reason: FinishReason | None = "stop"
+        elif len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_context:
+            reason = "length"
+        else:
+            return None
+        self.finish(seq, reason)
+        return reason
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Ends a sequence (stop, length, abort) and frees its slot at once."""
+        if seq.finished:
+            return
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.slot is not None:
+            self.free_slots.append(seq.slot)
+            seq.slot = None
+
+    def abort(self, request_id: str, reason: FinishReason = "abort") -> list[Sequence]:
+        """Finishes every unfinished choice of a request (freeing their slots); returns them."""
+        seqs = [s for s in (*self.waiting, *self.running) if s.request_id == request_id]
+        for seq in seqs:
+            self.finish(seq, reason)
+        return seqs
+
+    @property
+    def slots_in_use(self) -> int:
+        return self.n_slots - len(self.free_slots)

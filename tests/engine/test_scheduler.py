@@ -1,0 +1,85 @@
+"""The scheduler alone, without torch: admission, chunked prefill budget, stops, aborts."""
+
+from server.engine.scheduler import Scheduler, Sequence
+
+
+def seq(rid, n_prompt, max_tokens=4, stop=frozenset({99})):
+    return Sequence(rid, 0, list(range(n_prompt)), max_tokens, stop)
+
+
+def step(sched, token=7):
+    """Runs a plan with a fake model that always samples `token`."""
+    out = sched.schedule()
+    sched.computed(out)
+    sampled = [s for s in out.decode] + [c.seq for c in out.prefill if c.last]
+    reasons = {s.request_id: sched.append_token(s, token) for s in sampled}
+    return out, reasons
+
+
+def test_admission_is_bounded_by_slots_and_batch():
+    sched = Scheduler(n_slots=2, max_batch=8, prefill_budget=100, max_context=64)
+    sched.add([seq("a", 3), seq("b", 3), seq("c", 3)])
+    out, _ = step(sched)
+    assert [s.request_id for s in out.admitted] == ["a", "b"]
+    assert len(sched.waiting) == 1 and sched.slots_in_use == 2
+    assert {s.slot for s in out.admitted} == {0, 1}
+
+
+def test_long_prompt_is_chunked_and_decode_keeps_running():
+    sched = Scheduler(n_slots=4, max_batch=4, prefill_budget=8, max_context=64)
+    sched.add([seq("short", 3, max_tokens=10)])
+    step(sched)  # short prefilled, first token sampled
+    sched.add([seq("long", 20)])
+    chunks = []
+    for _ in range(3):
+        out, _ = step(sched)
+        assert [s.request_id for s in out.decode][:1] == ["short"]  # never stalled by the long prompt
+        chunks += [(c.start, c.end) for c in out.prefill]
+    assert chunks == [(0, 8), (8, 16), (16, 20)]
+    long = next(s for s in sched.running if s.request_id == "long")
+    assert long.num_computed == 20 and long.output_ids == [7]
+
+
+def test_budget_is_shared_between_prefills():
+    sched = Scheduler(n_slots=4, max_batch=4, prefill_budget=10, max_context=64)
+    sched.add([seq("a", 6), seq("b", 6)])
+    out, _ = sched.schedule(), None
+    assert [(c.seq.request_id, c.start, c.end) for c in out.prefill] == [("a", 0, 6), ("b", 0, 4)]
+
+
+def test_stop_token_and_length_free_the_slot():
+    sched = Scheduler(n_slots=1, max_batch=1, prefill_budget=16, max_context=64)
+    sched.add([seq("a", 3, max_tokens=2), seq("b", 3)])
+    _, reasons = step(sched)
+    assert reasons == {"a": None}
+    _, reasons = step(sched)
+    assert reasons == {"a": "length"} and sched.free_slots == [0]
+    out, reasons = step(sched, token=99)
+    assert [s.request_id for s in out.admitted] == ["b"] and reasons == {"b": "stop"}
+    assert not sched.has_work()
+
+
+def test_context_limit_finishes_with_length():
+    sched = Scheduler(n_slots=1, max_batch=1, prefill_budget=16, max_context=6)
+    sched.add([seq("a", 4, max_tokens=100)])
+    step(sched)
+    _, reasons = step(sched)
+    assert reasons == {"a": "length"}
+
+
+def test_abort_frees_slot_for_waiting_request():
+    sched = Scheduler(n_slots=1, max_batch=1, prefill_budget=16, max_context=64)
+    sched.add([seq("a", 3, max_tokens=50), seq("b", 3)])
+    step(sched)
+    aborted = sched.abort("a")
+    assert [s.finish_reason for s in aborted] == ["abort"] and sched.free_slots == [0]
+    out, _ = step(sched)
+    assert [s.request_id for s in out.admitted] == ["b"]
+    assert sched.abort("missing") == []
+
+
+def test_abort_of_waiting_request():
+    sched = Scheduler(n_slots=1, max_batch=1, prefill_budget=16, max_context=64)
+    sched.add([seq("a", 3), seq("b", 3)])
+    step(sched)
+    assert [s.request_id for s in sched.abort("b")] == ["b"] and not sched.waiting
