@@ -163,7 +163,6 @@ class Attention(nn.Module):
         cache: tuple[Tensor, Tensor] | None,  # this layer's (k, v): (S, K, max_len, D)
         slots: Tensor | None,  # (B,)
         prompt_kv: tuple[Tensor, Tensor, Tensor | None] | None,  # (B, K, P, D) x2, mask (B, P)
-        kv_len: int | None = None,  # keys to read: max(positions) + 1 unless given (no host sync: compilable)
     ) -> Tensor:
         a = self.args
         B, T, _ = x.shape
@@ -179,7 +178,7 @@ class Attention(nn.Module):
             cache_k, cache_v = cache
             cache_k[slots[:, None], :, positions] = k  # advanced indices first: (B, T, K, D)
             cache_v[slots[:, None], :, positions] = v
-            L = int(positions.max()) + 1 if kv_len is None else kv_len
+            L = int(positions.max()) + 1
             keys, values = cache_k[slots, :, :L], cache_v[slots, :, :L]  # (B, K, L, D)
             key_pos = torch.arange(L, device=x.device).expand(B, L)
         # causal by position: query at p sees keys at positions <= p (stale cache entries are masked)
@@ -225,9 +224,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps, banks)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, banks)
 
-    def forward(self, x, positions, adapter_ids, cache, slots, prompt_kv, kv_len=None) -> Tensor:
-        h = self.attention_norm(x, adapter_ids)
-        h = x + self.attention(h, positions, adapter_ids, cache, slots, prompt_kv, kv_len)
+    def forward(self, x, positions, adapter_ids, cache, slots, prompt_kv) -> Tensor:
+        h = x + self.attention(self.attention_norm(x, adapter_ids), positions, adapter_ids, cache, slots, prompt_kv)
         return h + self.feed_forward(self.ffn_norm(h, adapter_ids), adapter_ids)
 
 
@@ -251,7 +249,6 @@ class Transformer(nn.Module):
         adapter_ids: Tensor | None = None,  # (B,) bank row of each row; None for a plain model
         prompt_kv: PromptKV | None = None,
         last_only: bool = True,
-        kv_len: int | None = None,  # cached keys to attend over (≥ max(positions) + 1); None: computed
     ) -> Tensor:
         """Logits as float32: (B, vocab) for the last position, or (B, T, vocab) with last_only=False."""
         h = self.tok_embeddings(tokens)  # (B, T, dim)
@@ -262,7 +259,7 @@ class Transformer(nn.Module):
             if prompt_kv is not None and i in adapted:
                 j = i - adapted.start
                 pkv = (prompt_kv.k[j], prompt_kv.v[j], prompt_kv.mask)
-            h = layer(h, positions, adapter_ids, layer_cache, slots, pkv, kv_len)
+            h = layer(h, positions, adapter_ids, layer_cache, slots, pkv)
         if last_only:
             h = h[:, -1:, :]
         h = self.norm(h, adapter_ids)

@@ -95,7 +95,7 @@ class AsyncEngine:
     # ------------------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Starts the engine thread; returns once the model is warmed up (and compiled, if enabled)."""
+        """Starts the engine thread; returns once the model is warmed up."""
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
