@@ -17,8 +17,9 @@ $(VENV)/.installed: pyproject.toml scripts/setup-assets.sh | $(BIN)/python
 	PYTHON=$(BIN)/python bash scripts/setup-assets.sh
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+$(VENV)/.installed-test: $(VENV)/.installed scripts/setup-ui-test.sh
 	$(PIP) install -e '.[test]'
+	bash scripts/setup-ui-test.sh
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,0 +1,144 @@
+"""Chat messages (+ expert findings) → the prompt text and token ids a model was trained on.
+
+- LLaMA-Adapter ("alpaca"): one user message is exactly the reference's `format_alpaca(text)`, or
+  `format_alpaca(text, input=findings)` when experts reported something. Multi-turn chats are not what the
+  checkpoints were trained on; they are flattened: the last user message is the instruction and the system
+  text, the earlier turns ("User: …" / "Assistant: …") and the findings go to the `### Input:` section.
+- Chat models ("chat"): the model's own jinja template. The findings are put in front of the (last) user
+  message that carried the images ("Image analysis: … Question: …") and a system sentence says where they
+  come from: of the layouts we tried, the one the default 135M model grounds its answers in best.
+
+Findings are truncated to the expert token budget and to what the context leaves after the completion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from experts.context import truncate_to_budget
+from models.prompts import ChatTemplate, format_alpaca
+from server.api.errors import bad_request
+from server.api.schemas import ChatMessage, ImagePart
+
+CHAT_SYSTEM = "You are a helpful assistant."
+CHAT_SYSTEM_IMAGES = "You cannot see images; automatic image analysis describes them for you."
+NOTHING_FOUND = "The automatic image analysis found nothing it could recognise in the image."
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # system | user | assistant
+    text: str
+    images: int = 0  # image parts in this message
+    name: str | None = None  # the message's `name`: passed to chat templates (Alpaca has no place for it)
+
+
+@dataclass(frozen=True)
+class ChatInput:
+    """A request's messages reduced to text turns and the image URLs in order of appearance."""
+
+    turns: tuple[Turn, ...]
+    image_urls: tuple[str, ...]
+    question: str  # the last user message's text: what experts that read the question see
+
+
+def parse_messages(messages: Sequence[ChatMessage]) -> ChatInput:
+    turns, urls = [], []
+    for m in messages:
+        before = len(urls)
+        if isinstance(m.content, list):
+            texts = []
+            for part in m.content:
+                if isinstance(part, ImagePart):
+                    urls.append(part.image_url.url)
+                else:
+                    texts.append(part.text)
+            text = "\n".join(t for t in texts if t)
+        else:
+            text = m.content or ""
+        role = "system" if m.role in ("system", "developer") else m.role
+        turns.append(Turn(role, text, len(urls) - before, m.name))
+    if turns[-1].role != "user":
+        raise bad_request("the last message must be a user message", "messages", "invalid_messages")
+    return ChatInput(tuple(turns), tuple(urls), turns[-1].text)
+
+
+class PromptBuilder:
+    """Renders prompts for one loaded model and fits expert findings into its context."""
+
+    def __init__(self, prompt_format: str, chat_template: str | None, tokenizer, max_context: int):
+        self.format = prompt_format
+        self.tokenizer = tokenizer
+        self.max_context = max_context
+        self.template = None
+        if prompt_format == "chat":
+            if not chat_template:
+                raise ValueError("a chat-format model needs a chat template")
+            tokens = getattr(tokenizer, "tokens", None)
+            bos = tokens[tokenizer.bos_id] if tokens and tokenizer.bos_id is not None else ""
+            eos = tokens[tokenizer.eos_id] if tokens else ""
+            self.template = ChatTemplate(chat_template, bos_token=bos, eos_token=eos)
+
+    # ------------------------------------------------------------------------------------------ text
+    def render(self, chat: ChatInput, findings: str | None) -> str:
+        if self.format == "alpaca":
+            return self._alpaca(chat, findings)
+        return self._chat(chat, findings)
+
+    def _alpaca(self, chat: ChatInput, findings: str | None) -> str:
+        *history, last = chat.turns
+        system = "\n".join(t.text for t in history if t.role == "system" and t.text)
+        dialogue = "\n".join(f"{'User' if t.role == 'user' else 'Assistant'}: {t.text}"
+                             for t in history if t.role != "system")
+        sections = [system, f"Conversation so far:\n{dialogue}" if dialogue else "", findings or ""]
+        context = "\n\n".join(s for s in sections if s)
+        return format_alpaca(last.text, input=context or None)
+
+    def _chat(self, chat: ChatInput, findings: str | None) -> str:
+        messages = [{"role": t.role, "content": t.text, **({"name": t.name} if t.name else {})}
+                    for t in chat.turns]
+        if findings is not None:
+            with_images = [i for i, t in enumerate(chat.turns) if t.images]
+            at = with_images[-1] if with_images else len(chat.turns) - 1
+            messages[at]["content"] = f"Image analysis:\n{findings}\n\nQuestion: {messages[at]['content']}"
+            if messages[0]["role"] == "system":
+                messages[0]["content"] = f"{messages[0]['content']}\n\n{CHAT_SYSTEM_IMAGES}".strip()
+            else:
+                messages.insert(0, {"role": "system", "content": f"{CHAT_SYSTEM} {CHAT_SYSTEM_IMAGES}"})
+        try:
+            return self.template.render(messages, add_generation_prompt=True)
+        except Exception as e:  # a template's raise_exception (e.g. roles must alternate)
+            raise bad_request(f"the model's chat template refused these messages: {e}", "messages") from None
+
+    # ---------------------------------------------------------------------------------------- tokens
+    def encode(self, text: str) -> list[int]:
+        tok = self.tokenizer
+        bos = getattr(tok, "add_bos", True) and tok.bos_id is not None
+        if bos and self.template is not None and self.template.bos_token and text.startswith(
+                self.template.bos_token):
+            bos = False  # the template wrote it already
+        return tok.encode(text, bos=bool(bos))
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, bos=False))
+
+    def fit_findings(self, chat: ChatInput, findings: str, budget: int, prompt_budget: int) -> str:
+        """Cut `findings` to `budget` tokens and so that the whole prompt stays within `prompt_budget`."""
+        findings = truncate_to_budget(findings, budget, self.count)
+        if not findings:
+            return findings
+        base = len(self.encode(self.render(chat, "")))
+
+        def extra(text: str) -> int:  # tokens the findings add to the prompt
+            return len(self.encode(self.render(chat, text))) - base
+
+        return truncate_to_budget(findings, max(0, prompt_budget - base), extra)
+
+
+def describe_findings(per_image: Sequence[str], n_images: int) -> str:
+    """Join each image's findings; with several images each block says which image it is about."""
+    if n_images <= 1:
+        return (per_image[0] if per_image else "") or NOTHING_FOUND
+    blocks = [f"Image {i + 1}:\n{text or NOTHING_FOUND}" for i, text in enumerate(per_image)]
+    return "\n\n".join(blocks)

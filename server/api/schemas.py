@@ -1,0 +1,361 @@
+"""Wire types: the OpenAI Chat Completions / Completions subset we serve, plus our extensions.
+
+Every parameter is either honoured or refused with a 400 that names it: unknown fields are forbidden, and the
+OpenAI parameters this server does not implement (tools, audio, ...) are accepted only with their "off"
+value. Extensions, as extra body fields: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, and
+`experts` (which experts to run on the images; [] = none). Response models exist for the OpenAPI docs;
+the service builds plain dicts.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+
+# parameter → values that mean "not used"; anything else is refused by name
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "service_tier": (None, "auto", "default"),
+    "store": (None, False),
+    "metadata": (None, {}),
+    "web_search_options": (None,),
+    "verbosity": (None,),
+    "prompt_cache_key": (None,),
+    "safety_identifier": (None,),
+}
+
+
+class ParamError(ValueError):
+    """A cross-field refusal that names the parameter at fault (pydantic would blame the whole body)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _unsupported(name: str, value: Any) -> Any:
+    if value in UNSUPPORTED[name]:
+        return None
+    raise ValueError(f"'{name}' is not supported by this server (it has no such feature); omit it")
+
+
+# Documented as null (what clients should send); the validators also accept each parameter's "off" value.
+Off = Annotated[Any, WithJsonSchema({"type": "null", "description": "not supported: omit or null"})]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------- messages
+
+
+class ImageURL(_Strict):
+    url: str = Field(..., description="https://… or data:image/png;base64,…")
+    detail: Literal["auto", "low", "high"] = Field(
+        "auto", description="all three are the same here: every image is encoded at the model's resolution")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    refusal: str | None = None
+    tool_calls: Off = None
+    function_call: Off = None
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _role(cls, value: Any) -> Any:
+        if value in ("tool", "function"):
+            raise ValueError(f"'{value}' messages are not supported: this server has no tool calling")
+        return value
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, value: Any) -> Any:
+        """Clear messages for the shapes clients get wrong (pydantic's union errors are unreadable)."""
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError("must be a string or a list of content parts")
+        for i, part in enumerate(value):
+            if not isinstance(part, dict):
+                raise ValueError(f"part {i} must be an object with a 'type'")
+            kind = part.get("type")
+            if kind not in ("text", "image_url"):
+                raise ValueError(f"part {i} has type {kind!r}; supported part types: 'text', 'image_url'")
+            if kind == "image_url" and isinstance(part.get("image_url"), str):
+                raise ValueError(f"part {i}: image_url must be an object {{\"url\": ...}}, not a string")
+        return value
+
+    @field_validator("tool_calls", "function_call")
+    @classmethod
+    def _no_tools(cls, value: Any) -> Any:
+        if value not in (None, []):
+            raise ValueError("tool calls are not supported by this server")
+        return None
+
+    @model_validator(mode="after")
+    def _images_from_users(self) -> ChatMessage:
+        if self.role != "user" and isinstance(self.content, list):
+            if any(isinstance(p, ImagePart) for p in self.content):
+                raise ParamError("content", f"only user messages may contain images, not {self.role} messages")
+        return self
+
+
+# ------------------------------------------------------------------------------------------- requests
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value != "text":
+            raise ValueError(f"'{value}' is not supported (no constrained decoding); only 'text'")
+        return value
+
+
+StopParam = Annotated[str | Annotated[list[str], Field(min_length=0, max_length=4)] | None, Field(
+    None, description="up to 4 sequences; the returned text does not contain them")]
+
+
+class _Sampling(_Strict):
+    """Parameters both endpoints share."""
+
+    model: str = Field(..., min_length=1, description="a model id from GET /v1/models")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy")
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16, description="choices")
+    stop: StopParam = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="token id (as a string) → bias in [-100, 100]")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=512, description="recorded in the server's logs")
+    # extensions
+    top_k: int | None = Field(None, ge=-1, description="extension; 0 or -1 = off")
+    min_p: float | None = Field(None, ge=0, le=1, description="extension")
+    repetition_penalty: float | None = Field(None, gt=0, le=10, description="extension; 1 = off")
+    ignore_eos: bool = Field(False, description="extension: generate max tokens even past end-of-sequence")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        items = [value] if isinstance(value, str) else value or []
+        if any(s == "" for s in items):
+            raise ValueError("stop sequences must not be empty")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not key.strip().isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _stream_options(self) -> _Sampling:
+        if self.stream_options is not None and not self.stream:
+            raise ParamError("stream_options", "stream_options is only allowed with stream: true")
+        return self
+
+    @property
+    def stop_list(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="deprecated alias of max_completion_tokens")
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    experts: list[str] | None = Field(
+        None, description="extension: experts to run on the images (default: the server's set; [] = none)")
+    # OpenAI parameters without an implementation here: only their "off" values are accepted
+    tools: Off = None
+    tool_choice: Off = None
+    parallel_tool_calls: Off = None
+    functions: Off = None
+    function_call: Off = None
+    audio: Off = None
+    modalities: Off = None
+    prediction: Off = None
+    reasoning_effort: Off = None
+    service_tier: Off = None
+    store: Off = None
+    metadata: Off = None
+    web_search_options: Off = None
+    verbosity: Off = None
+    prompt_cache_key: Off = None
+    safety_identifier: Off = None
+
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def _off(cls, value: Any, info) -> Any:
+        return _unsupported(info.field_name, value)
+
+    @model_validator(mode="after")
+    def _checks(self) -> ChatCompletionRequest:
+        if (self.max_tokens is not None and self.max_completion_tokens is not None
+                and self.max_tokens != self.max_completion_tokens):
+            raise ParamError("max_completion_tokens",
+                             "max_tokens and max_completion_tokens disagree; send only max_completion_tokens")
+        if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
+            raise ParamError("top_logprobs", "top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="a string or token ids; one prompt per request")
+    max_tokens: int | None = Field(16, ge=1, description="null = the rest of the context")
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=16, description="only equal to n (no server-side ranking)")
+    suffix: str | None = Field(None, description="not supported: must be null")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> Any:
+        if isinstance(value, list) and value and isinstance(value[0], str | list):
+            if len(value) != 1:
+                raise ValueError("batched prompts are not supported; send one request per prompt")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, value: str | None) -> None:
+        if value:
+            raise ValueError("'suffix' (insertion) is not supported by this server")
+        return None
+
+    @model_validator(mode="after")
+    def _best_of(self) -> CompletionRequest:
+        if self.echo and self.logprobs is not None:
+            raise ParamError("logprobs", "logprobs of the echoed prompt are not supported; drop echo or logprobs")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ParamError("best_of", "best_of other than n is not supported (no server-side ranking)")
+        return self
+
+
+# ------------------------------------------------------------------------------ responses (for the docs)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ExpertReport(BaseModel):
+    name: str
+    text: str
+    seconds: float
+    status: str
+    error: str | None = None
+    image: int = Field(..., description="index of the image among the request's images")
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: dict | None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    experts: list[ExpertReport] | None = Field(None, description="extension: what each expert saw")
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: dict | None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

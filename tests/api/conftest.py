@@ -1,0 +1,151 @@
+"""Fixtures for the API tests: the tiny LLaMA-Adapter reference model, apps built around it (real engine or
+a scripted fake), a ready TestClient, a live uvicorn on 127.0.0.1 and small local HTTP servers."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from server.app import create_app
+from server.settings import Settings
+from tests.models.conftest import REF, load_reference
+
+MSG = [{"role": "user", "content": "Say something."}]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The tiny LLaMA-Adapter V2 reference (adapter id "tiny"; vocabulary of 128: text is gibberish)."""
+    return load_reference()
+
+
+@pytest.fixture(scope="session")
+def golden():
+    import torch
+
+    return torch.load(REF / "golden.pt", weights_only=True)
+
+
+def settings(**kw) -> Settings:
+    base = {"experts": [], "max_context": 256, "max_batch": 2, "max_waiting": 4, "sse_keepalive": 0.2}
+    return Settings(**{**base, **kw})
+
+
+def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
+    keys = client.app.state.runtime.settings.api_keys
+    auth = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = client.get("/ready", headers=auth)
+        if r.status_code == 200:
+            return
+        if r.json().get("status") == "failed":
+            raise RuntimeError(r.json())
+        time.sleep(0.02)
+    raise TimeoutError("app never became ready")
+
+
+@contextmanager
+def app_client(loaded=None, *, engine=None, runner=None, headers=None, **kw) -> Iterator[TestClient]:
+    """A ready TestClient; `kw` are Settings fields, `runner` an ExpertRunner to inject."""
+    app = create_app(settings(**kw), loaded=loaded, engine=engine, experts=runner)
+    with TestClient(app, headers=headers or {}) as client:
+        wait_ready(client)
+        yield client
+
+
+@contextmanager
+def live_server(app, make_server=uvicorn.Server) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = make_server(uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=2))
+    live_server.current = server
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    else:
+        raise TimeoutError("live server never became ready")
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+def png_bytes(size=(32, 24), color=(200, 30, 30), fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def data_url(data: bytes, media="image/png") -> str:
+    return f"data:{media};base64,{base64.b64encode(data).decode()}"
+
+
+def image_message(url: str, text: str = "What is in this image?") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+class LocalHTTP:
+    """A tiny threaded HTTP server on 127.0.0.1 with programmable routes; counts requests per path."""
+
+    def __init__(self, routes: dict[str, tuple[int, dict, bytes]], delay: float = 0.0, default=None):
+        self.routes, self.hits, self.delay, self.default = routes, {}, delay, default
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                outer.hits[self.path] = outer.hits.get(self.path, 0) + 1
+                if outer.delay:
+                    time.sleep(outer.delay)
+                status, headers, body = outer.routes.get(self.path, outer.default or (404, {}, b"missing"))
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,242 @@
+"""OpenAI conformance of /v1/chat/completions, /v1/completions and /v1/models against the real app."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.api.conftest import MSG, app_client
+
+
+@pytest.fixture(scope="module")
+def client(tiny):
+    with app_client(tiny) as c:
+        yield c
+
+
+def sse_events(text: str) -> list:
+    """Parse an SSE body into JSON events (and the literal "[DONE]"); comments are dropped."""
+    events = []
+    for block in text.split("\n\n"):
+        for line in block.splitlines():
+            if line.startswith("data: "):
+                payload = line[6:]
+                events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def chat(client, **body):
+    return client.post("/v1/chat/completions", json={"model": "tiny", "messages": MSG, **body})
+
+
+def test_models_lists_every_adapter(client):
+    r = client.get("/v1/models")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["tiny"]
+    assert {"id", "object", "created", "owned_by"} <= set(body["data"][0])
+    assert client.get("/v1/models/tiny").json()["id"] == "tiny"
+    assert client.get("/v1/models/nope").status_code == 404
+
+
+def test_non_streaming_shape(client):
+    r = chat(client, max_tokens=5, temperature=0)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert isinstance(body["created"], int) and body["model"] == "tiny"
+    (choice,) = body["choices"]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
+    assert isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] in ("stop", "length")
+    u = body["usage"]
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    assert 1 <= u["completion_tokens"] <= 5
+    assert r.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_max_tokens_is_honoured(client, field):
+    body = chat(client, temperature=0, ignore_eos=True, **{field: 3}).json()
+    assert body["usage"]["completion_tokens"] == 3
+    assert body["choices"][0]["finish_reason"] == "length"
+
+
+def test_max_tokens_disagreeing_is_refused(client):
+    r = chat(client, max_tokens=3, max_completion_tokens=4)
+    assert r.status_code == 400 and "max_completion_tokens" in r.json()["error"]["message"]
+
+
+def test_streaming_conformance(client):
+    r = chat(client, max_tokens=6, temperature=0, ignore_eos=True, stream=True)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert len({c["id"] for c in chunks}) == 1 and len({c["created"] for c in chunks}) == 1
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks]
+    assert all(reason is None for reason in reasons[:-1])  # null (never "" or missing) until the end
+    assert all("finish_reason" in c["choices"][0] for c in chunks)
+    assert reasons[-1] == "length"
+    assert all("usage" not in c for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    plain = chat(client, max_tokens=6, temperature=0, ignore_eos=True).json()
+    assert text == plain["choices"][0]["message"]["content"]  # greedy: stream == non-stream
+
+
+def test_include_usage(client):
+    r = chat(client, max_tokens=4, temperature=0, ignore_eos=True, stream=True,
+             stream_options={"include_usage": True})
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    *chunks, usage_chunk = events[:-1]
+    assert all(c["usage"] is None for c in chunks)  # present and null on every other chunk
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"]["completion_tokens"] == 4
+    assert usage_chunk["id"] == chunks[0]["id"]
+
+
+def test_stream_options_needs_stream(client):
+    r = chat(client, stream_options={"include_usage": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+
+
+def test_n_choices(client):
+    body = chat(client, n=2, max_tokens=3, temperature=0.8, seed=1, ignore_eos=True).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert body["usage"]["completion_tokens"] == 6
+    events = sse_events(chat(client, n=2, max_tokens=3, seed=1, stream=True, ignore_eos=True).text)
+    finished = [c["choices"][0]["index"] for c in events[:-1] if c["choices"][0]["finish_reason"]]
+    assert sorted(finished) == [0, 1]
+    roles = [c["choices"][0]["index"] for c in events[:-1] if c["choices"][0]["delta"].get("role")]
+    assert sorted(roles) == [0, 1]
+
+
+def test_seed_is_reproducible(client):
+    a = chat(client, max_tokens=8, temperature=1.0, seed=7).json()["choices"][0]["message"]["content"]
+    b = chat(client, max_tokens=8, temperature=1.0, seed=7).json()["choices"][0]["message"]["content"]
+    assert a == b
+
+
+def test_stop_sequence_not_in_output(client):
+    text = chat(client, max_tokens=12, temperature=0, ignore_eos=True).json()["choices"][0]["message"]["content"]
+    stop = text[3:5] if len(text) >= 5 else text[-1:]
+    if not stop.strip():
+        pytest.skip("greedy output of the tiny model has no usable stop substring")
+    body = chat(client, max_tokens=12, temperature=0, ignore_eos=True, stop=[stop]).json()
+    out = body["choices"][0]
+    assert stop not in out["message"]["content"] and out["finish_reason"] == "stop"
+    assert out["message"]["content"] == text[: text.index(stop)]
+
+
+def test_logprobs(client):
+    body = chat(client, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2, ignore_eos=True).json()
+    content = body["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3
+    assert {"token", "logprob", "bytes", "top_logprobs"} <= set(content[0])
+    assert len(content[0]["top_logprobs"]) == 2
+    assert chat(client, top_logprobs=2).status_code == 400  # needs logprobs: true
+    assert chat(client, logprobs=True, top_logprobs=21).status_code == 400
+
+
+def test_completions(client):
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "Once upon", "max_tokens": 4,
+                                               "temperature": 0, "ignore_eos": True})
+    body = r.json()
+    assert r.status_code == 200 and body["object"] == "text_completion"
+    assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 4
+    echo = client.post("/v1/completions", json={"model": "tiny", "prompt": "Once upon", "max_tokens": 4,
+                                                  "temperature": 0, "echo": True, "ignore_eos": True}).json()
+    assert echo["choices"][0]["text"] == "Once upon" + body["choices"][0]["text"]
+    lp = client.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2,
+                                                "logprobs": 2, "ignore_eos": True}).json()
+    assert len(lp["choices"][0]["logprobs"]["tokens"]) == 2
+    stream = client.post("/v1/completions", json={"model": "tiny", "prompt": "Once upon", "max_tokens": 4,
+                                                    "temperature": 0, "stream": True, "ignore_eos": True})
+    events = sse_events(stream.text)
+    assert events[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == body["choices"][0]["text"]
+    assert all(e["object"] == "text_completion" for e in events[:-1])
+    refused = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "echo": True, "logprobs": 1})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
+    batch = client.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b"]})
+    assert batch.status_code == 400 and batch.json()["error"]["param"] == "prompt"
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"model": "tiny", "messages": MSG, "frobnicate": 1}, "frobnicate"),
+    ({"model": "tiny", "messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"model": "tiny", "messages": MSG, "response_format": {"type": "json_object"}}, "response_format.type"),
+    ({"model": "tiny", "messages": MSG, "temperature": 3}, "temperature"),
+    ({"model": "tiny", "messages": MSG, "n": 0}, "n"),
+    ({"model": "tiny", "messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": "tiny", "messages": MSG, "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"model": "tiny", "messages": MSG, "logit_bias": {"100000": 1}}, "logit_bias"),
+    ({"model": "tiny", "messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+     "messages[0].content"),
+    ({"model": "tiny", "messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
+    ({"model": "tiny"}, "messages"),
+    ({"messages": MSG}, "model"),
+    ({"model": "tiny", "messages": MSG, "max_tokens": 100000}, "messages"),
+])
+def test_bad_parameters_are_refused_by_name(client, body, param):
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+    assert err["message"]
+
+
+def test_neutral_values_of_unsupported_parameters_pass(client):
+    r = chat(client, max_tokens=2, tools=None, tool_choice="none", store=False, response_format={"type": "text"},
+             user="someone")
+    assert r.status_code == 200, r.text
+
+
+def test_context_error_has_the_numbers(client):
+    err = chat(client, max_tokens=100000).json()["error"]
+    assert err["code"] == "context_length_exceeded"
+    assert "256" in err["message"] and "100000" in err["message"]
+
+
+def test_unknown_model_is_404(client):
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4", "messages": MSG})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_non_json_and_non_object_bodies(client):
+    r = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    assert client.post("/v1/chat/completions", json=[1, 2]).status_code == 400
+    assert client.get("/v1/nothing").status_code == 404
+    assert client.get("/v1/nothing").json()["error"]["type"] == "not_found_error"
+
+
+def test_error_after_the_stream_began_is_an_error_event(tiny):
+    from server.engine.types import RequestOutput
+
+    with app_client(tiny) as c:
+        engine = c.app.state.runtime.engine
+
+        async def failing(request, reservation=None):
+            reservation.release()
+            yield RequestOutput(request.request_id, 0, "partial", (5,), prompt_tokens=3, completion_tokens=1)
+            yield RequestOutput(request.request_id, 0, "", (), finished=True, finish_reason="error")
+
+        engine.generate = failing
+        r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": MSG, "stream": True})
+        assert r.status_code == 200
+        events = sse_events(r.text)
+        assert events[1]["choices"][0]["delta"]["content"] == "partial"
+        assert set(events[-2]["error"]) == {"message", "type", "param", "code"}
+        assert events[-2]["error"]["type"] == "server_error" and events[-1] == "[DONE]"
+        plain = c.post("/v1/chat/completions", json={"model": "tiny", "messages": MSG})
+        assert plain.status_code == 500 and plain.json()["error"]["code"] == "engine_error"
+        assert engine.stats().waiting == 0  # the reservation was not leaked

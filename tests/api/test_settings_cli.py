@@ -1,0 +1,73 @@
+"""`lamina serve` flags and LAMINA_* variables land in the one Settings class; flags win."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.__main__ import build_parser, main, settings_from_args
+from server.settings import Settings
+
+
+def parse(argv, monkeypatch=None, env=None):
+    for k, v in (env or {}).items():
+        monkeypatch.setenv(k, v)
+    return settings_from_args(build_parser().parse_args(["serve", *argv]))
+
+
+def test_defaults_are_the_embedded_model_with_experts(monkeypatch):
+    for key in list(__import__("os").environ):
+        if key.startswith("LAMINA_"):
+            monkeypatch.delenv(key)
+    s = parse([])
+    assert s.uses_default_model and s.experts == ["ocr", "detection", "caption"]
+    assert s.host == "127.0.0.1" and s.port == 8000 and s.api_keys == []
+
+
+def test_llama_adapter_flags(tmp_path):
+    s = parse(["--llama-dir", str(tmp_path), "--tokenizer", "/t/tokenizer.model",
+               "--adapter", "BIAS-7B=/w/bias.pth", "--adapter", "CAPTION-7B=/w/cap.pth",
+               "--clip-model", "ViT-L-14", "--clip-weights", "/w/ViT-L-14.pt", "--dtype", "bf16",
+               "--channel-order", "rgb", "--experts", "none", "--max-context", "1024", "--kv-cache-bytes", "2GiB",
+               "--api-key", "a", "--api-key", "b", "--cors-origin", "*", "--json-logs", "--no-auth-metrics"])
+    assert list(s.adapters) == ["BIAS-7B", "CAPTION-7B"] and str(s.adapters["CAPTION-7B"]) == "/w/cap.pth"
+    assert s.dtype == "bf16" and s.channel_order == "rgb" and s.experts == [] and s.max_context == 1024
+    assert s.kv_cache_bytes == 2 * 2**30 and s.api_keys == ["a", "b"] and s.cors_origins == ["*"]
+    assert s.json_logs and not s.auth_metrics and not s.uses_default_model
+
+
+def test_environment_and_precedence(monkeypatch):
+    s = parse(["--port", "9001", "--experts", "ocr"], monkeypatch, {
+        "LAMINA_PORT": "9000", "LAMINA_API_KEYS": "k1,k2", "LAMINA_EXPERTS": "caption",
+        "LAMINA_IMAGE_ALLOWED_HOSTS": "10.0.0.0/8,images.internal", "LAMINA_IMAGE_FORMATS": "png,jpg",
+        "LAMINA_MAX_WAITING": "7"})
+    assert s.port == 9001 and s.experts == ["ocr"]  # flags win
+    assert s.api_keys == ["k1", "k2"] and s.max_waiting == 7
+    assert s.image_allowed_hosts == ["10.0.0.0/8", "images.internal"] and s.image_formats == ["PNG", "JPEG"]
+    monkeypatch.setenv("LAMINA_ADAPTERS", '{"A": "/a.pth"}')
+    monkeypatch.setenv("LAMINA_LLAMA_DIR", "/l")
+    monkeypatch.setenv("LAMINA_TOKENIZER", "/t")
+    monkeypatch.setenv("LAMINA_CLIP_MODEL", "ViT-L-14")
+    monkeypatch.setenv("LAMINA_CLIP_WEIGHTS", "/c")
+    assert list(Settings().adapters) == ["A"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--adapter", "X=/x.pth"], "--llama-dir"),
+    (["--llama-dir", "/l"], "--tokenizer"),
+    (["--llama-dir", "/l", "--tokenizer", "/t", "--adapter", "X=/x"], "--clip-model"),
+    (["--llama-dir", "/l", "--tokenizer", "/t", "--adapter", "broken"], "NAME=PATH"),
+    (["--image-allowed-hosts", "10.0.0.0/99"], "image-allowed-hosts"),
+    (["--port", "99999"], "--port"),
+])
+def test_bad_flags_exit_2_with_a_message(argv, message, capsys):
+    assert main(["serve", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_every_setting_has_a_flag():
+    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    for name in Settings.model_fields:
+        flag = {"adapters": "--adapter", "api_keys": "--api-key", "cors_origins": "--cors-origin"}.get(
+            name, "--" + name.replace("_", "-"))
+        assert flag in help_text, flag
+        assert f"LAMINA_{name.upper()}" in help_text.replace("\n", "").replace(" ", "")

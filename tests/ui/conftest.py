@@ -1,0 +1,164 @@
+"""Fixtures for the chat-page tests: a live uvicorn on 127.0.0.1 (random port) and Debian's chromium driven
+by Python Playwright. Playwright's own browser download is never used: the browser is /usr/bin/chromium
+(`scripts/setup-ui-test.sh` installs it). A missing chromium FAILS these tests, it does not skip them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+SCREENSHOTS = Path(os.environ.get("LAMINA_UI_SCREENSHOTS", "/tmp/lamina-ui-screenshots"))
+IMAGES = Path(__file__).resolve().parent.parent / "data" / "images"
+
+
+def chromium_path() -> str:
+    for candidate in (os.environ.get("LAMINA_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+                      shutil.which("chromium-browser")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    pytest.fail("chromium is not installed: the chat-page tests need Debian's chromium. Install it with "
+                "`bash scripts/setup-ui-test.sh` (apt-get install chromium), or point LAMINA_CHROMIUM at a "
+                "Chromium binary.", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("Python Playwright is missing: install the test extra (`pip install -e '.[test]'`).",
+                    pytrace=False)
+    executable = chromium_path()
+    with sync_playwright() as p:
+        # launch() gives every run a fresh temporary user-data-dir, removed on close
+        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True,
+                              chromium_sandbox=False)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+class PageProbe:
+    """A fresh browser context + page that records console errors, page errors and any request that
+    leaves the server (they are aborted: the page must work offline)."""
+
+    def __init__(self, browser, base: str):
+        self.base = base
+        self.context = browser.new_context(viewport={"width": 1200, "height": 900}, device_scale_factor=1)
+        self.errors: list[str] = []
+        self.external: list[str] = []
+        self.context.route("**/*", self._route)
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(15_000)
+        self.page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text}")
+                     if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
+
+    def _route(self, route):
+        url = route.request.url
+        if url.startswith(self.base + "/") or url.startswith(("data:", "blob:")):
+            route.continue_()
+        else:
+            self.external.append(url)
+            route.abort()
+
+    def console_errors(self, allow: tuple[str, ...] = ()) -> list[str]:
+        return [e for e in self.errors if not any(a in e for a in allow)]
+
+    def close(self):
+        self.context.close()
+
+
+@pytest.fixture
+def open_page(browser):
+    probes: list[PageProbe] = []
+
+    def make(base: str) -> PageProbe:
+        probe = PageProbe(browser, base)
+        probes.append(probe)
+        return probe
+
+    yield make
+    for probe in probes:
+        probe.close()
+
+
+@contextmanager
+def live_server(app, ready_path: str = "/v1/models", headers: dict | None = None,
+                timeout: float = 120.0) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free 127.0.0.1 port in a thread; yields the base URL once `ready_path`
+    answers 200 (or 401, for an app that wants a key)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=2,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                r = httpx.get(base + ready_path, headers=headers or {}, timeout=5)
+                if r.status_code in (200, 401):
+                    break
+                if r.status_code == 503 and "failed" in r.text:
+                    raise RuntimeError(f"the app failed to start: {r.text}")
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise TimeoutError(f"the live server never became ready at {base}{ready_path}")
+            time.sleep(0.1)
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for: {message}")
+
+
+def poll(page, js: str, arg=None, timeout: float = 15.0):
+    """Wait until the JS function `js` returns something truthy in the page. (Playwright's wait_for_function
+    compiles its predicate with eval, which the page's Content-Security-Policy rightly forbids; evaluate()
+    goes through the devtools protocol and is not affected.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = page.evaluate(js, arg)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {js}")
+        time.sleep(0.03)
+
+
+def screenshot(page, name: str) -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / name
+    page.screenshot(path=str(path))
+    return path
