@@ -298,6 +298,7 @@ class ExpertReport(BaseModel):
     status: str
     error: str | None = None
     image: int = Field(..., description="index of the image among the request's images")
+    data: list[dict] = Field(default_factory=list, description="structured findings: boxes, scores, OCR lines")
 
 
 class AssistantMessage(BaseModel):

@@ -307,10 +307,7 @@ class CompletionService:
             return
         results = await asyncio.gather(*(
             self.experts.run(im.image, im.sha256, job.chat.question, job.expert_names) for im in job.images))
-        job.experts_report = [
-            {"image": i, "name": r.name, "text": r.text, "seconds": round(r.seconds, 4), "status": r.status,
-             "error": r.error}
-            for i, per_image in enumerate(results) for r in per_image]
+        job.experts_report = [{"image": i, **r.to_dict()} for i, per_image in enumerate(results) for r in per_image]
         findings = describe_findings([format_context(per_image) for per_image in results], len(job.images))
         reserve = job.max_tokens or min(self.settings.default_max_tokens or 512, self.engine.max_context // 4)
         prompt_budget = self.engine.max_context - reserve
