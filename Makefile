@@ -34,3 +34,22 @@ lint: install-test
 
 test: install-test lint
 	$(BIN)/python -m pytest -q
+
+# Deployment (deploy/README.md). docker-build: the image as anyone builds it; docker-build-local: on a machine
+# without an image registry (private dockerd, debootstrapped base, the machine's torch wheels); deploy-test: the
+# deployment tests alone (image build/run, compose, Ray Serve, manifests).
+.PHONY: docker-build docker-build-local deploy-test
+VARIANT ?= cpu
+docker-build:
+	docker build -t lamina:latest --build-arg VARIANT=$(VARIANT) .
+
+docker-build-local:
+	bash scripts/local-docker.sh start
+	bash scripts/local-docker.sh base
+	bash scripts/local-docker.sh wheels
+	eval "$$(bash scripts/local-docker.sh env)" && $$DOCKER build -t lamina:latest --build-arg VARIANT=$(VARIANT) \
+	  --build-arg BASE_IMAGE=lamina-base:bookworm --build-arg TORCH_INDEX_URL=none \
+	  --secret id=cacert,src=/etc/ssl/certs/ca-certificates.crt .
+
+deploy-test: install-test
+	$(BIN)/python -m pytest -q tests/deploy

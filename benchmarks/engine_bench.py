@@ -1,6 +1,7 @@
 """Benchmark: our engine against HF transformers generate() and llama.cpp on the same SmolLM2-135M weights.
 
     python benchmarks/engine_bench.py [--dtype bf16] [--requests 16] [--max-tokens 64] [--skip-llamacpp]
+    python benchmarks/engine_bench.py --direct   # just our runner's decode loop, B=1 and B=16 (~30 s)
 
 Prints, per peer: decode tokens/s at batch 1; aggregate tokens/s with N requests arriving at staggered
 (Poisson) times; TTFT p50/p99 under that load; peak RSS; and every figure as a ratio to the peers. Also the
@@ -108,6 +109,33 @@ def peer_ours(w: dict, dtype: str) -> dict:
     result = asyncio.run(main())
     result["rss"] = peak_rss()
     return result
+
+
+def direct_decode(dtype: str, threads: int, steps: int = 60) -> None:
+    """Model-runner decode loop without the engine (no scheduler, sampling, detokenizer): ms/step at B=1, 16."""
+    import statistics
+
+    import torch
+
+    from models.loading import DTYPES, load_gguf
+    from server.engine.runner import ModelRunner
+
+    torch.set_num_threads(threads)
+    runner = ModelRunner(load_gguf(dtype=dtype), n_slots=16, max_context=1024, kv_dtype=DTYPES[dtype])
+    runner.warmup()
+    for B in (1, 16):
+        slots = list(range(B))
+        for s in slots:
+            runner.prefill(s, list(range(100, 140 + 3 * s)), 0)
+        positions, tokens, times = [40 + 3 * s for s in slots], [5] * B, []
+        for _ in range(steps):
+            t = time.perf_counter()
+            tokens = runner.decode(slots, tokens, positions).argmax(-1).tolist()
+            times.append(time.perf_counter() - t)
+            positions = [p + 1 for p in positions]
+        med = statistics.median(times[5:])
+        print(f"direct decode B={B}: median {med * 1e3:.1f} ms/step = {B / med:.1f} tok/s "
+              f"(best {min(times[5:]) * 1e3:.1f} ms)")
 
 
 def hf_model(dtype: str):
@@ -274,10 +302,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--direct", action="store_true", help="only our runner's decode loop at B=1 and B=16")
     ap.add_argument("--peer", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     w = {**workload(args.requests, args.max_tokens, args.rate), "threads": args.threads}
+    if args.direct:
+        direct_decode(args.dtype, args.threads)
+        return
 
     if args.peer:
         result = {"ours": lambda: peer_ours(w, args.dtype), "hf": lambda: peer_hf(w, args.dtype),

@@ -29,23 +29,32 @@ from models.config import ModelArgs
 
 @dataclass(frozen=True)
 class KVCache:
-    """Per-layer key/value storage indexed by slot: k, v of shape (n_layers, S, K, max_len, D)."""
+    """Key/value storage indexed by slot: k[i], v[i] of shape (S, K, max_len, D) for layer i.
 
-    k: Tensor
-    v: Tensor
+    One tensor per layer (not views of one): a compiled forward then updates each in place, with no
+    write-back copy of the whole cache."""
+
+    k: tuple[Tensor, ...]
+    v: tuple[Tensor, ...]
 
     @staticmethod
     def allocate(args: ModelArgs, n_slots: int, max_len: int, dtype: torch.dtype, device=None) -> KVCache:
-        shape = (args.n_layers, n_slots, args.kv_heads, max_len, args.head_dim)
-        return KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        shape = (n_slots, args.kv_heads, max_len, args.head_dim)
+        k = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers))
+        v = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers))
+        return KVCache(k, v)
 
     @property
     def n_slots(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 @dataclass(frozen=True)
@@ -69,26 +78,29 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(n_banks, dim))
 
     def forward(self, x: Tensor, adapter_ids: Tensor | None) -> Tensor:
-        # normalise in fp32, cast back to the input dtype, then scale (the reference's order)
-        xf = x.float()
-        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        # normalise in fp32, cast back to the input dtype, then scale (the reference's order); rms_norm
+        # accumulates in fp32 for bf16/fp16 inputs, so no upcast copy is needed
+        normed = F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         w = self.weight[0] if adapter_ids is None else self.weight[adapter_ids][:, None, :]  # (dim) | (B,1,dim)
         return normed * w
 
 
-def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """Rotary embedding in the interleaved-pair (Meta) layout. x: (B, T, H, D); positions: (B, T)."""
-    D = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, device=x.device)[: D // 2].float() / D))  # (D/2)
+def rotations(positions: Tensor, head_dim: int, theta: float) -> Tensor:
+    """RoPE rotations e^(i·pos·freq) as complex64 (B, T, 1, D/2): computed once per forward, shared by all layers."""
+    D = head_dim
+    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, device=positions.device)[: D // 2].float() / D))  # (D/2)
     angles = positions.float()[..., None] * inv_freq  # (B, T, D/2)
-    cos, sin = torch.cos(angles)[:, :, None, :], torch.sin(angles)[:, :, None, :]  # (B, T, 1, D/2)
-    xf = x.float().unflatten(-1, (D // 2, 2))  # (B, T, H, D/2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    return torch.polar(torch.ones_like(angles), angles)[:, :, None, :]
 
 
-def linear(x: Tensor, weight: Tensor, packed: Tensor | None) -> Tensor:
+def rope(x: Tensor, rot: Tensor) -> Tensor:
+    """Rotary embedding in the interleaved-pair (Meta) layout: pairs (x0, x1) are complex numbers rotated by
+    `rot`. x: (B, T, H, D) (any H: q and k heads may be roped together); rot: (B, T, 1, D/2)."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, D/2)
+    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
+
+
+def linear(x: Tensor, weight: Tensor | None, packed: Tensor | None) -> Tensor:
     """F.linear, or oneDNN's linear over a weight prepacked by `pack_weight` (CPU: 1.5-5x faster GEMV)."""
     if packed is None:
         return F.linear(x, weight)
@@ -120,7 +132,10 @@ class AdapterLinear(nn.Module):
         return linear(x, self.weight, self.packed)
 
     def forward(self, x: Tensor, adapter_ids: Tensor | None) -> Tensor:
-        y = linear(x, self.weight, self.packed)  # (B, T, out)
+        return self.adapt(x, linear(x, self.weight, self.packed), adapter_ids)
+
+    def adapt(self, x: Tensor, y: Tensor, adapter_ids: Tensor | None) -> Tensor:
+        """Adds the per-adapter bias and LoRA to the base output y (B, T, out) of x (B, T, in)."""
         if adapter_ids is None:
             return y
         if self.bias is not None:
@@ -142,6 +157,17 @@ class AdapterLinear(nn.Module):
         self.packed = None if self.packed is None else pack_weight(self.weight)
 
 
+@dataclass(frozen=True)
+class Step:
+    """What every layer of one forward shares, computed once per forward (not once per layer)."""
+
+    rot: Tensor  # (B, T, 1, D/2) RoPE rotations (see `rotations`)
+    mask: Tensor | None  # (B, 1, T, L) additive attention mask (0 or -inf); None: every key is visible
+    rows: Tensor | slice | None  # cache rows of the batch: a slice when contiguous (views, no gather copy)
+    writes: Tensor | None  # (B·T·K,) where each new key/value row goes in a layer's cache viewed as (S·K·max_len, D)
+    L: int  # keys attended: positions 0..L-1 of each row
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -154,37 +180,51 @@ class Attention(nn.Module):
         prompts = args.query_len > 0 and A > 0
         self.gate = nn.Parameter(torch.zeros(A, H)) if prompts else None  # applied as tanh(gate)
         self.new_gate = nn.Parameter(torch.ones(A)) if prompts and args.w_new_gate else None
+        self.wqkv_packed: Tensor | None = None  # prepacked [wq; wk; wv]: one GEMV instead of three
 
     def forward(
         self,
         x: Tensor,  # (B, T, dim)
-        positions: Tensor,  # (B, T)
+        step: Step,
         adapter_ids: Tensor | None,
         cache: tuple[Tensor, Tensor] | None,  # this layer's (k, v): (S, K, max_len, D)
-        slots: Tensor | None,  # (B,)
         prompt_kv: tuple[Tensor, Tensor, Tensor | None] | None,  # (B, K, P, D) x2, mask (B, P)
     ) -> Tensor:
         a = self.args
         B, T, _ = x.shape
         H, K, D = a.n_heads, a.kv_heads, a.head_dim
-        q = self.wq(x, adapter_ids).view(B, T, H, D)
-        k = self.wk(x, adapter_ids).view(B, T, K, D)
-        v = self.wv(x, adapter_ids).view(B, T, K, D)
-        q, k = rope(q, positions, a.rope_theta), rope(k, positions, a.rope_theta)
+        if self.wqkv_packed is not None:
+            qkv = linear(x, None, self.wqkv_packed)  # (B, T, (H + 2K) D)
+            q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
+            if adapter_ids is None:  # rope q and k heads in one go
+                qk = rope(qkv[..., : (H + K) * D].view(B, T, H + K, D), step.rot)  # (B, T, H + K, D)
+                q, k = qk[:, :, :H], qk[:, :, H:]
+            else:
+                q = rope(self.wq.adapt(x, q, adapter_ids).view(B, T, H, D), step.rot)
+                k = rope(self.wk.adapt(x, k, adapter_ids).view(B, T, K, D), step.rot)
+                v = self.wv.adapt(x, v, adapter_ids)
+        else:
+            q = rope(self.wq(x, adapter_ids).view(B, T, H, D), step.rot)
+            k = rope(self.wk(x, adapter_ids).view(B, T, K, D), step.rot)
+            v = self.wv(x, adapter_ids)
+        v = v.view(B, T, K, D)
 
         if cache is None:
-            keys, values, key_pos = k.transpose(1, 2), v.transpose(1, 2), positions  # (B, K, T, D)
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, D)
         else:
             cache_k, cache_v = cache
-            cache_k[slots[:, None], :, positions] = k  # advanced indices first: (B, T, K, D)
-            cache_v[slots[:, None], :, positions] = v
-            L = int(positions.max()) + 1
-            keys, values = cache_k[slots, :, :L], cache_v[slots, :, :L]  # (B, K, L, D)
-            key_pos = torch.arange(L, device=x.device).expand(B, L)
-        # causal by position: query at p sees keys at positions <= p (stale cache entries are masked)
-        mask = key_pos[:, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, L)
+            cache_k.view(-1, D).index_copy_(0, step.writes, k.reshape(-1, D))  # rows in (B, T, K) order
+            cache_v.view(-1, D).index_copy_(0, step.writes, v.reshape(-1, D))
+            keys, values = cache_k[step.rows, :, : step.L], cache_v[step.rows, :, : step.L]  # (B, K, L, D)
         q = q.transpose(1, 2)  # (B, H, T, D)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=K != H)  # (B,H,T,D)
+        if T == 1 and prompt_kv is None:  # decode: plain batched matmuls (in fp32) beat SDPA's CPU kernels
+            G = H // K  # query heads per kv head (head h reads kv head h // G)
+            scores = (q.reshape(B, K, G, D).float() * D**-0.5) @ keys.float().transpose(2, 3)  # (B, K, G, L)
+            if step.mask is not None:
+                scores = scores + step.mask  # (B, 1, 1, L)
+            out = (F.softmax(scores, dim=-1) @ values.float()).type_as(q).view(B, H, 1, D)  # (B, H, 1, D)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=K != H)  # (B,H,T,D)
 
         if prompt_kv is not None and self.gate is not None:
             pk, pv, pmask = prompt_kv
@@ -210,9 +250,15 @@ class FeedForward(nn.Module):
         self.w1 = AdapterLinear(args.dim, hidden, args, bias=True)
         self.w2 = AdapterLinear(hidden, args.dim, args, bias=True)
         self.w3 = AdapterLinear(args.dim, hidden, args, bias=True)
+        self.w13_packed: Tensor | None = None  # prepacked [w1; w3]: one GEMV instead of two
 
     def forward(self, x: Tensor, adapter_ids: Tensor | None) -> Tensor:
-        return self.w2(F.silu(self.w1(x, adapter_ids)) * self.w3(x, adapter_ids), adapter_ids)
+        if self.w13_packed is not None:
+            gate, up = linear(x, None, self.w13_packed).chunk(2, dim=-1)  # (B, T, hidden) x2
+            gate, up = self.w1.adapt(x, gate, adapter_ids), self.w3.adapt(x, up, adapter_ids)
+        else:
+            gate, up = self.w1(x, adapter_ids), self.w3(x, adapter_ids)
+        return self.w2(F.silu(gate) * up, adapter_ids)
 
 
 class TransformerBlock(nn.Module):
@@ -224,8 +270,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps, banks)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, banks)
 
-    def forward(self, x, positions, adapter_ids, cache, slots, prompt_kv) -> Tensor:
-        h = x + self.attention(self.attention_norm(x, adapter_ids), positions, adapter_ids, cache, slots, prompt_kv)
+    def forward(self, x, step, adapter_ids, cache, prompt_kv) -> Tensor:
+        h = x + self.attention(self.attention_norm(x, adapter_ids), step, adapter_ids, cache, prompt_kv)
         return h + self.feed_forward(self.ffn_norm(h, adapter_ids), adapter_ids)
 
 
@@ -251,6 +297,20 @@ class Transformer(nn.Module):
         last_only: bool = True,
     ) -> Tensor:
         """Logits as float32: (B, vocab) for the last position, or (B, T, vocab) with last_only=False."""
+        step = self.step(positions, cache, slots, self.tok_embeddings.weight.dtype)
+        return self.run(tokens, step, cache=cache, adapter_ids=adapter_ids, prompt_kv=prompt_kv, last_only=last_only)
+
+    def run(
+        self,
+        tokens: Tensor,  # (B, T)
+        step: Step,
+        *,
+        cache: KVCache | None = None,
+        adapter_ids: Tensor | None = None,
+        prompt_kv: PromptKV | None = None,
+        last_only: bool = True,
+    ) -> Tensor:
+        """`forward` after the per-forward state: no host syncs, fixed shapes for a given `step` (compilable)."""
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         adapted = self.args.adapted_layers
         for i, layer in enumerate(self.layers):
@@ -259,13 +319,41 @@ class Transformer(nn.Module):
             if prompt_kv is not None and i in adapted:
                 j = i - adapted.start
                 pkv = (prompt_kv.k[j], prompt_kv.v[j], prompt_kv.mask)
-            h = layer(h, positions, adapter_ids, layer_cache, slots, pkv)
+            h = layer(h, step, adapter_ids, layer_cache, pkv)
         if last_only:
             h = h[:, -1:, :]
         h = self.norm(h, adapter_ids)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         logits = linear(h, weight, self.output_packed).float()
         return logits[:, -1] if last_only else logits
+
+    def step(self, positions: Tensor, cache: KVCache | None, slots: Tensor | None, dtype: torch.dtype,
+             keys: int | None = None) -> Step:
+        """The per-forward state shared by the layers: RoPE rotations, the causal mask, the cache rows.
+
+        `keys` pads the attended cache length to a fixed size (masked): fixed shapes for a compiled `run`."""
+        a = self.args
+        B, T = positions.shape
+        rot = rotations(positions, a.head_dim, a.rope_theta)
+        if cache is None:
+            key_pos, rows, writes, L = positions, None, None, T
+        else:
+            pos = positions.tolist()
+            L = max(map(max, pos)) + 1
+            if keys is not None:
+                assert keys >= L, (keys, L)
+                L = keys
+            key_pos = torch.arange(L, device=positions.device).expand(B, L)
+            first = sl[0] if (sl := slots.tolist()) else 0
+            rows = slice(first, first + B) if sl == list(range(first, first + B)) else slots
+            heads = torch.arange(a.kv_heads, device=positions.device)
+            writes = ((slots[:, None, None] * a.kv_heads + heads) * cache.max_len + positions[:, :, None]).flatten()
+            if keys is None and T == 1 and all(p[0] == L - 1 for p in pos):  # decode, all rows at the last key
+                return Step(rot, None, rows, writes, L)
+        # causal by position: query at p sees keys at positions <= p (stale cache entries are masked)
+        visible = key_pos[:, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, L)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=positions.device).masked_fill_(~visible, float("-inf"))
+        return Step(rot, mask, rows, writes, L)
 
     def prompt_kv(self, prompts: Tensor) -> tuple[Tensor, Tensor]:
         """Keys/values of adaption prompts through the plain wk/wv of each adapted layer (no RoPE).
@@ -289,11 +377,17 @@ class Transformer(nn.Module):
         for layer in self.layers:
             for linear in (layer.attention.wq, layer.attention.wo, *layer.feed_forward.children()):
                 linear.merge_lora()
+        if self.output_packed is not None:
+            self.pack_weights()  # the fused copies hold the old weights
 
     @torch.no_grad()
     def pack_weights(self) -> None:
         """CPU inference: keep a oneDNN-prepacked copy of every base weight (more memory, faster GEMV)."""
-        for module in self.modules():
-            if isinstance(module, AdapterLinear):
-                module.packed = pack_weight(module.weight)
+        for layer in self.layers:  # fused copies: one GEMV for q, k, v and one for w1, w3
+            attn, ffn = layer.attention, layer.feed_forward
+            attn.wqkv_packed = pack_weight(torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight]))
+            ffn.w13_packed = pack_weight(torch.cat([ffn.w1.weight, ffn.w3.weight]))
+            for lin in (attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3):  # used unfused by prompt_kv only
+                lin.packed = None
+            attn.wo.packed, ffn.w2.packed = pack_weight(attn.wo.weight), pack_weight(ffn.w2.weight)
         self.output_packed = pack_weight(self.tok_embeddings.weight if self.output is None else self.output.weight)

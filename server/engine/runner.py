@@ -59,6 +59,10 @@ class ModelRunner:
             wdtype = self.llama.tok_embeddings.weight.dtype
             self.prompt_k, self.prompt_v = torch.zeros(shape, dtype=wdtype), torch.zeros(shape, dtype=wdtype)
         self.slot_prompts = [0] * n_slots
+        # slots are the scheduler's names; cache rows are where their K/V live. Decoding slots are kept in
+        # rows 0..B-1 (swapping rows when needed) so the model reads the cache through views, not gathers.
+        self.row_of, self.slot_of = list(range(n_slots)), list(range(n_slots))
+        self.length = [0] * n_slots  # per slot: cache positions written (what a row swap must move)
         self.max_images = max_images
         self.vision_cache: OrderedDict[tuple[int, str], Tensor] = OrderedDict()
         self.vision_cache_size = vision_cache_size
@@ -66,7 +70,7 @@ class ModelRunner:
 
     @property
     def kv_bytes(self) -> int:
-        return 2 * self.cache.k.numel() * self.cache.k.element_size()
+        return self.cache.nbytes
 
     # ------------------------------------------------------------------------------------------ admission
 
@@ -90,6 +94,7 @@ class ModelRunner:
     def admit(self, slot: int, adapter_id: int, images: tuple[ImageInput, ...]) -> None:
         """Sets up a slot for a new sequence: its adapter and the prompt K/V of its image(s)."""
         self.slot_adapter[slot] = adapter_id
+        self.length[slot] = 0
         if not self.prompts_on:
             return
         vqs = [self.visual_query(img, adapter_id) for img in images] or [self.visual_query(None, adapter_id)]
@@ -101,8 +106,10 @@ class ModelRunner:
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Shares a prefilled prompt with another choice of the same request (n > 1)."""
-        self.cache.k[:, dst, :, :length] = self.cache.k[:, src, :, :length]
-        self.cache.v[:, dst, :, :length] = self.cache.v[:, src, :, :length]
+        a, b = self.row_of[src], self.row_of[dst]
+        for t in self.cache.k + self.cache.v:
+            t[b, :, :length] = t[a, :, :length]
+        self.length[dst] = length
         self.slot_adapter[dst] = self.slot_adapter[src]
         if self.prompts_on:
             self.prompt_k[:, dst], self.prompt_v[:, dst] = self.prompt_k[:, src], self.prompt_v[:, src]
@@ -134,17 +141,43 @@ class ModelRunner:
     def prefill(self, slot: int, tokens: list[int], start: int) -> Tensor:
         """Writes tokens at positions start.. into the slot; returns the last position's logits (V,)."""
         adapter_ids, pkv = self._batch_inputs([slot])
+        self.length[slot] = max(self.length[slot], start + len(tokens))
         logits = self.llama(
             torch.tensor([tokens]), torch.arange(start, start + len(tokens))[None], cache=self.cache,
-            slots=torch.tensor([slot]), adapter_ids=adapter_ids, prompt_kv=pkv,
+            slots=torch.tensor([self.row_of[slot]]), adapter_ids=adapter_ids, prompt_kv=pkv,
         )  # (1, V)
         return logits[0]
 
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> Tensor:
         """One new token per row → logits (B, V)."""
+        B = len(slots)
+        self._compact(slots)
+        order = sorted(range(B), key=lambda i: self.row_of[slots[i]])  # batch row i reads cache row i
+        slots, tokens, positions = [slots[i] for i in order], [tokens[i] for i in order], [positions[i] for i in order]
+        for s, p in zip(slots, positions, strict=True):
+            self.length[s] = max(self.length[s], p + 1)
         adapter_ids, pkv = self._batch_inputs(slots)
-        return self.llama(
+        logits = self.llama(
             torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], cache=self.cache,
-            slots=torch.tensor(slots), adapter_ids=adapter_ids, prompt_kv=pkv,
-        )
+            slots=torch.arange(B), adapter_ids=adapter_ids, prompt_kv=pkv,
+        )  # (B, V) in row order
+        if order != list(range(B)):
+            logits = logits[torch.tensor(order).argsort()]
+        return logits
+
+    def _compact(self, slots: list[int]) -> None:
+        """Moves the given slots' K/V into cache rows 0..B-1 (swapping with the rows' current holders)."""
+        B, want = len(slots), set(slots)
+        outside = [s for s in slots if self.row_of[s] >= B]
+        spare = [r for r in range(B) if self.slot_of[r] not in want]
+        for s, r in zip(outside, spare, strict=True):
+            a, other = self.row_of[s], self.slot_of[r]
+            n = max(self.length[s], self.length[other])
+            if n:
+                for t in self.cache.k + self.cache.v:
+                    held = t[r, :, :n].clone()
+                    t[r, :, :n] = t[a, :, :n]
+                    t[a, :, :n] = held
+            self.row_of[s], self.row_of[other] = r, a
+            self.slot_of[r], self.slot_of[a] = s, other
