@@ -149,3 +149,20 @@ class LocalHTTP:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+
+@pytest.fixture
+def spy_requests():
+    """Install a spy on an app's engine: returns the list the GenerateRequests it receives are appended to."""
+    def install(client):
+        seen = []
+        engine = client.app.state.runtime.engine
+        generate = engine.generate
+
+        def spy(request, reservation=None):
+            seen.append(request)
+            return generate(request, reservation)
+
+        engine.generate = spy
+        return seen
+    return install

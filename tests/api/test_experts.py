@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from experts.base import ExpertResult
 from experts.run import ExpertRunner
 from models.prompts import format_alpaca
@@ -25,22 +23,6 @@ class FakeExpert:
         if self.fail:
             raise RuntimeError("model exploded")
         return ExpertResult(self.name, self.text)
-
-
-@pytest.fixture
-def spy_requests():
-    def install(client):
-        seen = []
-        engine = client.app.state.runtime.engine
-        generate = engine.generate
-
-        def spy(request, reservation=None):
-            seen.append(request)
-            return generate(request, reservation)
-
-        engine.generate = spy
-        return seen
-    return install
 
 
 def test_findings_go_to_the_alpaca_input(tiny, spy_requests):

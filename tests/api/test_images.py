@@ -180,23 +180,15 @@ def test_several_images_and_http_fetch(tiny):
         assert srv.hits == {"/a.png": 1}
 
 
-def test_single_image_chat_is_the_reference_prompt_and_greedy_output(tiny, golden):
+def test_single_image_chat_is_the_reference_prompt_and_greedy_output(tiny, golden, spy_requests):
     """Experts off, one user message with text and one image → format_alpaca(text), BOS, the CLIP tensor."""
     from tests.models.test_reference import greedy
 
     image = Image.new("RGB", (40, 30), (180, 40, 90))
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    seen = []
     with app_client(tiny) as c:
-        engine = c.app.state.runtime.engine
-        generate = engine.generate
-
-        def spy(request, reservation=None):
-            seen.append(request)
-            return generate(request, reservation)
-
-        engine.generate = spy
+        seen = spy_requests(c)
         r = c.post("/v1/chat/completions", json={
             "model": "tiny", "temperature": 0, "max_tokens": 12, "ignore_eos": True,
             "messages": image_message(data_url(buf.getvalue()), "describe the image")})
