@@ -327,11 +327,8 @@ class Transformer(nn.Module):
         logits = linear(h, weight, self.output_packed).float()
         return logits[:, -1] if last_only else logits
 
-    def step(self, positions: Tensor, cache: KVCache | None, slots: Tensor | None, dtype: torch.dtype,
-             keys: int | None = None) -> Step:
-        """The per-forward state shared by the layers: RoPE rotations, the causal mask, the cache rows.
-
-        `keys` pads the attended cache length to a fixed size (masked): fixed shapes for a compiled `run`."""
+    def step(self, positions: Tensor, cache: KVCache | None, slots: Tensor | None, dtype: torch.dtype) -> Step:
+        """The per-forward state shared by the layers: RoPE rotations, the causal mask, the cache rows."""
         a = self.args
         B, T = positions.shape
         rot = rotations(positions, a.head_dim, a.rope_theta)
@@ -340,15 +337,12 @@ class Transformer(nn.Module):
         else:
             pos = positions.tolist()
             L = max(map(max, pos)) + 1
-            if keys is not None:
-                assert keys >= L, (keys, L)
-                L = keys
             key_pos = torch.arange(L, device=positions.device).expand(B, L)
             first = sl[0] if (sl := slots.tolist()) else 0
             rows = slice(first, first + B) if sl == list(range(first, first + B)) else slots
             heads = torch.arange(a.kv_heads, device=positions.device)
             writes = ((slots[:, None, None] * a.kv_heads + heads) * cache.max_len + positions[:, :, None]).flatten()
-            if keys is None and T == 1 and all(p[0] == L - 1 for p in pos):  # decode, all rows at the last key
+            if T == 1 and all(p[0] == L - 1 for p in pos):  # decode, all rows at the last key
                 return Step(rot, None, rows, writes, L)
         # causal by position: query at p sees keys at positions <= p (stale cache entries are masked)
         visible = key_pos[:, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, L)
