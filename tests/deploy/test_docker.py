@@ -128,6 +128,9 @@ def image(docker: Docker) -> str:
     _local_docker("wheels")  # the pinned torch/torchvision (+ deps) from this machine's wheel dirs
     _step("wheels", t0)
     t0 = time.monotonic()
+    _prune(docker)  # what earlier runs left (other clones' build contexts, replaced images) before adding more
+    _step("prune", t0)
+    t0 = time.monotonic()
     args = ["build", "-t", IMAGE, "--build-arg", f"BASE_IMAGE={BASE}", "--build-arg", "TORCH_INDEX_URL=none"]
     if CA_BUNDLE.is_file():
         args += ["--secret", f"id=cacert,src={CA_BUNDLE}"]
@@ -137,9 +140,16 @@ def image(docker: Docker) -> str:
     size = int(docker.run("image", "inspect", "-f", "{{.Size}}", IMAGE).stdout)
     print(f"[deploy-test] image size {size / 2**30:.2f} GiB", flush=True)
     yield IMAGE
-    # keep the layer cache bounded (it is what makes the next run fast)
+    _prune(docker)
+
+
+def _prune(docker: Docker) -> None:
+    """Keep the private daemon's disk use bounded on a shared machine: every build sends the context (with ~3 GB of
+    wheels) again from wherever the repository was cloned, and each tag replaced leaves an image behind. The layer
+    cache of the dependency stage (what makes the next build fast) is kept up to a limit."""
     docker.run("image", "prune", "-f", check=False)
-    docker.run("builder", "prune", "-f", "--keep-storage", "20GB", check=False)
+    docker.run("builder", "prune", "-f", "--filter", "type=source.local", check=False)
+    docker.run("builder", "prune", "-f", "--keep-storage", os.environ.get("LAMINA_DOCKER_KEEP", "12GB"), check=False)
 
 
 CLIENT = r'''
