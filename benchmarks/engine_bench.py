@@ -2,6 +2,7 @@
 
     python benchmarks/engine_bench.py [--dtype bf16] [--requests 16] [--max-tokens 64] [--skip-llamacpp]
     python benchmarks/engine_bench.py --direct   # just our runner's decode loop, B=1 and B=16 (~30 s)
+    python benchmarks/engine_bench.py --compile  # our engine with compiled batch-1 decode (+~1.5 min warmup)
 
 Prints, per peer: decode tokens/s at batch 1; aggregate tokens/s with N requests arriving at staggered
 (Poisson) times; TTFT p50/p99 under that load; peak RSS; and every figure as a ratio to the peers. Also the
@@ -63,7 +64,7 @@ def percentile(xs: list[float], q: float) -> float:
 # ---------------------------------------------------------------------------------------------- peers
 
 
-def peer_ours(w: dict, dtype: str) -> dict:
+def peer_ours(w: dict, dtype: str, compile_decode: bool = False) -> dict:
     import torch
 
     from models.loading import load_gguf
@@ -74,7 +75,8 @@ def peer_ours(w: dict, dtype: str) -> dict:
     # the engine thread loads the model and is the only thread running torch (as in the server): torch on a
     # second thread that also ran OpenMP work made decode ~1.4x slower here
     tok = None
-    config = EngineConfig(max_context=1024, max_batch=16, prefill_chunk=256, max_waiting=64)
+    config = EngineConfig(max_context=1024, max_batch=16, prefill_chunk=256, max_waiting=64,
+                          compile_decode=compile_decode)
 
     async def one(engine, rid, prompt, max_tokens, arrival_t, ttft, stamps):
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
@@ -114,7 +116,7 @@ def peer_ours(w: dict, dtype: str) -> dict:
     return result
 
 
-def direct_decode(dtype: str, threads: int, steps: int = 60) -> None:
+def direct_decode(dtype: str, threads: int, compile_decode: bool, steps: int = 60) -> None:
     """Model-runner decode loop without the engine (no scheduler, sampling, detokenizer): ms/step at B=1, 16."""
     import statistics
 
@@ -124,8 +126,11 @@ def direct_decode(dtype: str, threads: int, steps: int = 60) -> None:
     from server.engine.runner import ModelRunner
 
     torch.set_num_threads(threads)
-    runner = ModelRunner(load_gguf(dtype=dtype), n_slots=16, max_context=1024, kv_dtype=DTYPES[dtype])
+    runner = ModelRunner(load_gguf(dtype=dtype), n_slots=16, max_context=1024, kv_dtype=DTYPES[dtype],
+                         compile_decode=compile_decode)
+    t = time.perf_counter()
     runner.warmup()
+    print(f"warmup {time.perf_counter() - t:.1f} s")
     for B in (1, 16):
         slots = list(range(B))
         for s in slots:
@@ -266,6 +271,38 @@ def bandwidth_gbs() -> float:
     return 2 * a.numel() * 4 / sorted(times)[3] / 1e9
 
 
+def gemv_floor_ms(dtype: str, threads: int) -> float:
+    """A batch-1 decode step's matrix-vector products alone, as our model runs them (oneDNN on the prepacked
+    weights, in layer order, so each weight streams from DRAM as in a real step): the floor that these kernels
+    put under our batch-1 step before any norm, RoPE, attention or Python overhead."""
+    import statistics
+
+    import torch
+
+    from models.llama import linear
+    from models.loading import load_gguf
+
+    torch.set_num_threads(threads)
+    llama = load_gguf(dtype=dtype).model.llama
+    llama.pack_weights()
+    mats = []
+    for layer in llama.layers:
+        attn, ffn = layer.attention, layer.feed_forward
+        mats += [(attn.wqkv_packed, attn.wq.weight.shape[1]), (attn.wo.packed, attn.wo.weight.shape[1]),
+                 (ffn.w13_packed, ffn.w1.weight.shape[1]), (ffn.w2.packed, ffn.w2.weight.shape[1])]
+    mats.append((llama.output_packed, llama.args.dim))
+    wdtype = llama.tok_embeddings.weight.dtype
+    xs = [torch.randn(1, 1, d_in).to(wdtype) for _, d_in in mats]
+    times = []
+    with torch.inference_mode():
+        for _ in range(30):
+            t = time.perf_counter()
+            for (packed, _), x in zip(mats, xs, strict=True):
+                linear(x, None, packed)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times[3:]) * 1e3
+
+
 def weight_bytes_per_token(elem: int) -> float:
     """Bytes a batch-1 decode step must read: every layer matrix and the (tied) output matrix."""
     from models.loading import load_gguf
@@ -284,7 +321,7 @@ def run_peer(name: str, args) -> dict | None:
         out = f.name
     cmd = [sys.executable, __file__, "--peer", name, "--out", out, "--dtype", args.dtype,
            "--requests", str(args.requests), "--max-tokens", str(args.max_tokens), "--rate", str(args.rate),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), *(["--compile"] if args.compile else [])]
     t = time.time()
     proc = subprocess.run(cmd)
     print(f"[{name}: {time.time() - t:.0f} s]", file=sys.stderr)
@@ -301,21 +338,25 @@ def main() -> None:
     ap.add_argument("--hf-dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals per second")
+    ap.add_argument("--rate", type=float, default=16.0,
+                    help="Poisson arrivals per second (at 4/s the arrivals span ~5.5 s and cap any server near "
+                         "150 tok/s: the benchmark would measure the arrival process, not the engine)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="our engine with compile_decode (torch.compile, batch 1)")
     ap.add_argument("--direct", action="store_true", help="only our runner's decode loop at B=1 and B=16")
     ap.add_argument("--peer", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     w = {**workload(args.requests, args.max_tokens, args.rate), "threads": args.threads}
     if args.direct:
-        direct_decode(args.dtype, args.threads)
+        direct_decode(args.dtype, args.threads, args.compile)
+        print(f"the model's GEMVs alone (oneDNN, prepacked, cold): {gemv_floor_ms(args.dtype, args.threads):.1f} ms")
         return
 
     if args.peer:
-        result = {"ours": lambda: peer_ours(w, args.dtype), "hf": lambda: peer_hf(w, args.dtype),
+        result = {"ours": lambda: peer_ours(w, args.dtype, args.compile), "hf": lambda: peer_hf(w, args.dtype),
                   "llamacpp": lambda: peer_llamacpp(w)}[args.peer]()
         Path(args.out).write_text(json.dumps(result))
         return
@@ -332,12 +373,16 @@ def main() -> None:
     elem = {"fp32": 4, "bf16": 2}[args.dtype]
     wb = weight_bytes_per_token(elem)
     roofline = bw * 1e9 / wb
+    floor = gemv_floor_ms(args.dtype, args.threads)
     labels = {"ours": f"lamina ({args.dtype}, continuous batching)", "hf": f"HF generate ({args.hf_dtype}, static)",
               "llamacpp": "llama.cpp (same GGUF, Q4_1)"}
     print(f"\nmemory bandwidth (copy, r+w): {bw:.1f} GB/s; batch-1 weight bytes/token ({args.dtype}): "
           f"{wb / 1e6:.0f} MB -> roofline {roofline:.0f} tok/s")
+    print(f"the model's GEMVs alone (oneDNN, prepacked, cold): {floor:.1f} ms/token -> at most {1e3 / floor:.0f} "
+          f"tok/s = {1e3 / floor / roofline:.0%} of the roofline")
+    span = w["arrivals"][-1]
     print(f"workload: batch-1 decode of {w['single_tokens']} tokens; {args.requests} requests, Poisson "
-          f"{args.rate}/s, {args.max_tokens} tokens each, greedy, {args.threads} threads\n")
+          f"{args.rate}/s, {args.max_tokens} tokens each (arrivals span {span:.1f} s), greedy, {args.threads} threads\n")
     head = f"{'peer':42} {'b1 tok/s':>9} {'agg tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'peak RSS':>9}"
     print(head)
     print("-" * len(head))

@@ -63,6 +63,7 @@ def build_engine(loaded, settings: Settings):
         "kv_cache_bytes": int(settings.kv_cache_bytes) if settings.kv_cache_bytes else None,
         "max_waiting": settings.max_waiting,
         "prefill_chunk": settings.prefill_chunk,
+        "compile_decode": settings.compile,
         "max_images": max(1, settings.max_images),
     }
     known = {f.name for f in dataclasses.fields(EngineConfig)}

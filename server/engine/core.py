@@ -45,6 +45,7 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt tokens per step: a long prompt never stalls decode for long
     dtype: str | None = None  # KV cache dtype ("fp32" | "bf16" | "fp16"); None: the weights' dtype
     pack_weights: bool = True  # oneDNN-prepacked weight copies (CPU): faster GEMV for a little more memory
+    compile_decode: bool = False  # batch-1 decode through torch.compile (~1 min at warmup; see ModelRunner)
     max_images: int = 4  # per request
     vision_cache_size: int = 64  # visual queries kept, keyed by (adapter, image sha256)
 
@@ -81,7 +82,7 @@ class EngineCore:
                 )
         runner = ModelRunner(loaded, n_slots=n_slots, max_context=config.max_context, kv_dtype=kv_dtype,
                              max_images=config.max_images, vision_cache_size=config.vision_cache_size,
-                             pack_weights=config.pack_weights)
+                             pack_weights=config.pack_weights, compile_decode=config.compile_decode)
         scheduler = Scheduler(n_slots, config.max_batch, config.prefill_chunk, config.max_context)
         return EngineCore(loaded, runner, scheduler, on_admit)
 

@@ -8,19 +8,25 @@
   sha256), so the same image arriving again costs no CLIP/visual encoding.
 - `prefill` runs one prompt chunk of one sequence; `decode` runs one token for each of B sequences in one
   batched forward (rows at different positions, different adapters). Both return float32 logits.
+- Optionally (`compile_decode`, plain models), the batch-1 decode step goes through torch.compile (Inductor with frozen weights
+  and the C++ wrapper): one graph, dynamic in the key length, compiled at warmup. Batch 1 is where Python and
+  per-op overhead dominate (larger batches amortise it, prefill is GEMM-bound), so only it is compiled.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from models.llama import KVCache, PromptKV
+from models.llama import KVCache, PromptKV, Step, rotations
 from models.loading import LoadedModel
 from server.engine.types import ImageInput
+
+log = logging.getLogger("lamina.engine")
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,7 @@ class ModelRunner:
         max_images: int = 4,
         vision_cache_size: int = 64,
         pack_weights: bool = True,
+        compile_decode: bool = False,
     ):
         self.model = loaded.model
         self.llama = loaded.model.llama
@@ -67,6 +74,13 @@ class ModelRunner:
         self.vision_cache: OrderedDict[tuple[int, str], Tensor] = OrderedDict()
         self.vision_cache_size = vision_cache_size
         self.vision_hits = self.vision_misses = 0
+        self.compiled = None
+        if compile_decode and self.adapters:
+            # Inductor 2.14's oneDNN weight-prepack pass fails on the per-adapter bias/LoRA graph ("expected
+            # packed_weight_node.target to be mkldnn._reorder_linear_weight"): adapter models decode eagerly
+            log.warning("compile_decode: not available for adapter models (an Inductor prepack bug); decoding eagerly")
+        elif compile_decode:
+            self.compiled = _compile(self._decode_one)
 
     @property
     def kv_bytes(self) -> int:
@@ -153,6 +167,12 @@ class ModelRunner:
         """One new token per row → logits (B, V)."""
         B = len(slots)
         self._compact(slots)
+        if B == 1 and self.compiled is not None:
+            self.length[slots[0]] = max(self.length[slots[0]], positions[0] + 1)
+            adapter_ids, pkv = self._batch_inputs(slots)
+            keys = torch.arange(positions[0] + 1)  # its length is the compiled graph's dynamic dimension
+            torch._dynamo.mark_dynamic(keys, 0)
+            return self.compiled(torch.tensor([[tokens[0]]]), keys, adapter_ids, pkv)
         order = sorted(range(B), key=lambda i: self.row_of[slots[i]])  # batch row i reads cache row i
         slots, tokens, positions = [slots[i] for i in order], [tokens[i] for i in order], [positions[i] for i in order]
         for s, p in zip(slots, positions, strict=True):
@@ -165,6 +185,17 @@ class ModelRunner:
         if order != list(range(B)):
             logits = logits[torch.tensor(order).argsort()]
         return logits
+
+    def _decode_one(self, tokens: Tensor, keys: Tensor, adapter_ids: Tensor | None, pkv: PromptKV | None) -> Tensor:
+        """Batch-1 decode of the sequence in cache row 0 at position len(keys) - 1, without host syncs (what
+        `Transformer.step` works out from Python lists is derived from tensor shapes here)."""
+        a = self.args
+        L = keys.shape[0]
+        positions = keys[-1:][None]  # (1, 1)
+        rot = rotations(positions, a.head_dim, a.rope_theta)
+        writes = torch.arange(a.kv_heads) * self.cache.max_len + (L - 1)  # row 0: (head, position) rows
+        step = Step(rot, None, slice(0, 1), writes, L)
+        return self.llama.run(tokens, step, cache=self.cache, adapter_ids=adapter_ids, prompt_kv=pkv)
 
     def _compact(self, slots: list[int]) -> None:
         """Moves the given slots' K/V into cache rows 0..B-1 (swapping with the rows' current holders)."""
@@ -181,3 +212,14 @@ class ModelRunner:
                     t[a, :, :n] = held
             self.row_of[s], self.row_of[other] = r, a
             self.slot_of[r], self.slot_of[a] = s, other
+
+
+def _compile(fn):
+    """torch.compile for CPU decode: Inductor with the weights frozen as constants (so it prepacks them for
+    oneDNN, as `pack_weights` does for eager) and the C++ wrapper (no Python between kernels). On a 2-core CPU
+    this compiles for about a minute at warmup; the FX graph cache does not apply to frozen graphs."""
+    import torch._inductor.config as inductor
+
+    inductor.freezing = True
+    inductor.cpp_wrapper = True
+    return torch.compile(fn, fullgraph=True)  # dynamic in what `mark_dynamic` marks only
