@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -35,9 +36,24 @@ from server.settings import Settings
 log = logging.getLogger("lamina.server")
 
 
+def weight_dtype(setting: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """`auto`: bf16 where the CPU computes it natively (AVX512-BF16 or AMX: half the bytes per decoded token and
+    faster GEMMs than fp32 there; ~1.5x decode on SmolLM2 here), else fp32 (emulated bf16 is slower than fp32)."""
+    if setting != "auto":
+        return setting
+    try:
+        flags = set(cpuinfo.read_text().split())
+    except OSError:
+        return "fp32"
+    return "bf16" if flags & {"avx512_bf16", "amx_bf16"} else "fp32"
+
+
 def load_model(settings: Settings, progress: Callable[[str], None]):
     """The model the settings name: a LLaMA(-Adapter) checkpoint, a GGUF file, or the embedded default."""
     from models.loading import load_gguf, load_llama_adapter
+
+    dtype = weight_dtype(settings.dtype)
+    progress(f"weights in {dtype}")
 
     if settings.llama_dir is not None:
         return load_llama_adapter(
@@ -46,12 +62,12 @@ def load_model(settings: Settings, progress: Callable[[str], None]):
             adapters=settings.adapters,
             clip_model=settings.clip_model,
             clip_weights=settings.clip_weights,
-            dtype=settings.dtype,
+            dtype=dtype,
             max_seq_len=settings.max_context,
             progress=progress,
         )
     progress(f"reading {settings.gguf or 'the embedded default model (SmolLM2-135M-Instruct)'}")
-    return load_gguf(settings.gguf, dtype=settings.dtype, max_seq_len=settings.max_context)
+    return load_gguf(settings.gguf, dtype=dtype, max_seq_len=settings.max_context)
 
 
 def build_engine(loaded, settings: Settings):

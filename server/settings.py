@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     clip_weights: Path | None = Field(None, description="OpenAI TorchScript file or open_clip state dict")
     gguf: Path | None = Field(None, description="a GGUF chat model instead of the embedded default")
     served_model_name: str | None = Field(None, description="model id of a plain (adapter-less) model")
-    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="weight dtype")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="weight dtype; auto: bf16 where the CPU has native bf16 (AVX512-BF16, AMX), else fp32")
     channel_order: Literal["bgr", "rgb"] = Field(
         "bgr", description="bgr reproduces the released LLaMA-Adapter checkpoints' cv2 preprocessing"
     )

@@ -71,3 +71,19 @@ def test_every_setting_has_a_flag():
             name, "--" + name.replace("_", "-"))
         assert flag in help_text, flag
         assert f"LAMINA_{name.upper()}" in help_text.replace("\n", "").replace(" ", "")
+
+
+def test_auto_dtype_is_bf16_only_with_native_bf16(tmp_path):
+    from server.app import weight_dtype
+
+    def cpu(flags: str):
+        path = tmp_path / "cpuinfo"
+        path.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 avx2 {flags}\n")
+        return path
+
+    assert parse([]).dtype == "auto"
+    assert weight_dtype("auto", cpu("avx512f avx512_bf16")) == "bf16"
+    assert weight_dtype("auto", cpu("avx512f amx_bf16 amx_tile")) == "bf16"
+    assert weight_dtype("auto", cpu("avx512f avx512bw")) == "fp32"  # bf16 only emulated: slower than fp32
+    assert weight_dtype("auto", tmp_path / "missing") == "fp32"
+    assert weight_dtype("fp16", cpu("avx512_bf16")) == "fp16"  # an explicit choice is kept
