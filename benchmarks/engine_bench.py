@@ -335,7 +335,7 @@ def run_peer(name: str, args) -> dict | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"], help="our engine's weights")
-    ap.add_argument("--hf-dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--hf-dtype", choices=["fp32", "bf16"], help="HF's weights (default: the same as ours)")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rate", type=float, default=16.0,
@@ -349,6 +349,7 @@ def main() -> None:
     ap.add_argument("--peer", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.hf_dtype = args.hf_dtype or args.dtype
     w = {**workload(args.requests, args.max_tokens, args.rate), "threads": args.threads}
     if args.direct:
         direct_decode(args.dtype, args.threads, args.compile)

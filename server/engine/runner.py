@@ -147,8 +147,15 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------- forwards
 
     def warmup(self) -> None:
-        """Runs the forward paths once before serving (first-call allocations, oneDNN primitive creation)."""
+        """Runs the forward paths once before serving (first-call allocations, oneDNN primitive creation; the
+        compiled decode is compiled here). A compile that fails (e.g. no C++ compiler) leaves eager decode."""
         self.prefill(0, [0, 0], 0)
+        if self.compiled is not None:
+            try:
+                self.decode([0], [0], [2])
+            except Exception as e:  # noqa: BLE001 - any compiler failure: the eager path is always available
+                log.warning("compile_decode: compiling failed, decoding eagerly: %s", str(e).strip()[:500])
+                self.compiled = None
         self.decode([0], [0], [2])
 
     @torch.inference_mode()

@@ -52,3 +52,20 @@ def test_engine_with_compiled_decode_matches_eager(plain):
     compiled = run(plain, reqs, max_batch=2, compile_decode=True)
     for r in reqs:
         assert token_ids(compiled[r.request_id]) == token_ids(eager[r.request_id])
+
+
+def test_a_failed_compile_falls_back_to_eager_loudly(plain, monkeypatch, caplog):
+    import server.engine.runner as runner_module
+
+    def no_compiler(fn):
+        def compiled(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return compiled
+
+    monkeypatch.setattr(runner_module, "_compile", no_compiler)
+    runner = ModelRunner(plain, n_slots=2, max_context=64, kv_dtype=torch.float32, compile_decode=True)
+    runner.warmup()
+    assert runner.compiled is None
+    assert "compiling failed, decoding eagerly" in caplog.text and "No working C++ compiler" in caplog.text
+    runner.prefill(1, [3, 4, 5], 0)
+    assert runner.decode([1], [5], [3]).shape == (1, plain.tokenizer.vocab_size)
