@@ -80,6 +80,7 @@ def build_engine(loaded, settings: Settings):
         "max_waiting": settings.max_waiting,
         "prefill_chunk": settings.prefill_chunk,
         "compile_decode": settings.compile,
+        "prefix_caching": settings.prefix_caching,
         "max_images": max(1, settings.max_images),
     }
     known = {f.name for f in dataclasses.fields(EngineConfig)}

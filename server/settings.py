@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     kv_cache_bytes: ByteSize | None = Field(None, description="KV-cache memory budget, e.g. 2GiB")
     max_waiting: int = Field(64, ge=0, description="admitted requests waiting for a slot; more → 429")
     prefill_chunk: int = Field(512, ge=1, description="prompt tokens per engine step (long prompts in chunks)")
+    prefix_caching: bool = Field(
+        True, description="reuse a finished request's KV cache for a prompt that starts the same way (same adapter "
+        "and images): a chat's next turn prefills only what is new")
     compile: bool = Field(
         False, description="compile batch-1 decode with torch.compile (plain models; CPU: ~1.4x faster single-stream "
         "decode, about a minute more at startup)")

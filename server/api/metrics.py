@@ -37,6 +37,8 @@ class Metrics:
         self.running = Gauge("lamina:num_requests_running", "Requests in the engine's batch", registry=r)
         self.waiting = Gauge("lamina:num_requests_waiting", "Admitted requests waiting for a slot", registry=r)
         self.kv_usage = Gauge("lamina:kv_cache_usage_perc", "KV-cache usage, 0..1", registry=r)
+        self.prefix_hits = Gauge("lamina:prefix_cache_hit_tokens", "Prompt tokens reused from retained K/V "
+                                 "instead of prefilled (since start)", registry=r)
         self.prompt_tokens = Counter("lamina:prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
         self.generation_tokens = Counter("lamina:generation_tokens", "Tokens generated", ["model"], registry=r)
         self.requests = Counter("lamina:request_success", "Finished requests by finish reason",
@@ -62,6 +64,7 @@ class Metrics:
             self.running.set(s.running)
             self.waiting.set(s.waiting)
             self.kv_usage.set(s.kv_cache_usage)
+            self.prefix_hits.set(s.prompt_tokens_cached_total)
         return generate_latest(self.registry)
 
 

@@ -45,6 +45,7 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt tokens per step: a long prompt never stalls decode for long
     dtype: str | None = None  # KV cache dtype ("fp32" | "bf16" | "fp16"); None: the weights' dtype
     pack_weights: bool = True  # oneDNN-prepacked weight copies (CPU): faster GEMV for a little more memory
+    prefix_caching: bool = True  # reuse a freed slot's K/V for a prompt with the same prefix, adapter and images
     compile_decode: bool = False  # batch-1 decode through torch.compile (~1 min at warmup; see ModelRunner)
     max_images: int = 4  # per request
     vision_cache_size: int = 64  # visual queries kept, keyed by (adapter, image sha256)
@@ -62,7 +63,8 @@ class EngineCore:
         self.on_admit = on_admit  # told when a request leaves the waiting queue
         self.tokenizer = loaded.tokenizer
         self.choices: dict[Sequence, _Choice] = {}
-        self.prompt_tokens_total = 0
+        self.prompt_tokens_total = 0  # prompt tokens prefilled
+        self.prompt_tokens_cached_total = 0  # prompt tokens reused from a slot's retained K/V instead
         self.generation_tokens_total = 0
 
     @staticmethod
@@ -83,7 +85,8 @@ class EngineCore:
         runner = ModelRunner(loaded, n_slots=n_slots, max_context=config.max_context, kv_dtype=kv_dtype,
                              max_images=config.max_images, vision_cache_size=config.vision_cache_size,
                              pack_weights=config.pack_weights, compile_decode=config.compile_decode)
-        scheduler = Scheduler(n_slots, config.max_batch, config.prefill_chunk, config.max_context)
+        scheduler = Scheduler(n_slots, config.max_batch, config.prefill_chunk, config.max_context,
+                              config.prefix_caching)
         return EngineCore(loaded, runner, scheduler, on_admit)
 
     def generate_all(self, requests: list[tuple[GenerateRequest, int]]) -> dict[str, list[RequestOutput]]:
@@ -102,8 +105,9 @@ class EngineCore:
         p = request.sampling
         stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.loaded.stop_ids)
         seqs = []
+        key = (adapter_id, tuple(image.sha256 for image in request.images))  # what the text K/V depend on
         for i in range(p.n):
-            seq = Sequence(request.request_id, i, list(request.prompt_ids), p.max_tokens, stop_ids)
+            seq = Sequence(request.request_id, i, list(request.prompt_ids), p.max_tokens, stop_ids, cache_key=key)
             state = SamplingState.create(p, request.prompt_ids, i)
             self.choices[seq] = _Choice(seq, request, adapter_id, state, IncrementalDetokenizer(self.tokenizer))
             seqs.append(seq)
@@ -135,7 +139,8 @@ class EngineCore:
         """Executes the plan; returns the sequences that sample this step and their logits (B, V)."""
         for seq in plan.admitted:
             choice = self.choices[seq]
-            self.runner.admit(seq.slot, choice.adapter_id, choice.request.images)
+            self.runner.admit(seq.slot, choice.adapter_id, choice.request.images, cached=seq.num_cached)
+            self.prompt_tokens_cached_total += seq.num_cached
             if self.on_admit is not None:
                 self.on_admit(seq.request_id)
         rows, logits = [], []

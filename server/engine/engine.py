@@ -239,6 +239,7 @@ class AsyncEngine:
             tokens_per_second=rate,
             prompt_tokens_total=self.core.prompt_tokens_total,
             generation_tokens_total=self.core.generation_tokens_total,
+            prompt_tokens_cached_total=self.core.prompt_tokens_cached_total,
         )
 
     # -------------------------------------------------------------------------------------- engine thread

@@ -105,10 +105,11 @@ class ModelRunner:
         return vq
 
     @torch.inference_mode()
-    def admit(self, slot: int, adapter_id: int, images: tuple[ImageInput, ...]) -> None:
-        """Sets up a slot for a new sequence: its adapter and the prompt K/V of its image(s)."""
+    def admit(self, slot: int, adapter_id: int, images: tuple[ImageInput, ...], cached: int = 0) -> None:
+        """Sets up a slot for a new sequence: its adapter and the prompt K/V of its image(s). `cached`: positions
+        whose K/V the slot already holds for this sequence (same adapter, images and tokens: prefix reuse)."""
         self.slot_adapter[slot] = adapter_id
-        self.length[slot] = 0
+        self.length[slot] = cached
         if not self.prompts_on:
             return
         vqs = [self.visual_query(img, adapter_id) for img in images] or [self.visual_query(None, adapter_id)]

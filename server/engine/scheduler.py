@@ -5,11 +5,18 @@ Pure Python (no torch), so it is unit-tested with hand-made outputs. Each choice
 sequence whose prompt is in the cache, and spends a token budget on prompt chunks (sequences still
 prefilling first, then newly admitted ones) so a long prompt never stalls running streams for long.
 Stop strings need text and are checked by the core, which then calls `finish`.
+
+Prefix reuse: a freed slot keeps its K/V rows until it is reused, and the scheduler remembers what they hold
+(the tokens and the sequence's `cache_key`: in LLaMA-Adapter V2 the adapter and the images enter every adapted
+layer, so text K/V is only reusable under the same adapter and images). A newly admitted sequence takes the
+free slot holding the longest common prefix under an equal key and starts its prefill after it — a follow-up
+turn of a chat re-prefills only what is new. Without a match it takes the least recently freed slot.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from server.engine.types import FinishReason
@@ -28,6 +35,8 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache
     slot: int | None = None
     finish_reason: FinishReason | None = None
+    cache_key: Hashable = None  # what its K/V depend on besides the tokens (adapter, images)
+    num_cached: int = 0  # prompt tokens found in its slot's retained K/V at admission (not recomputed)
 
     @property
     def num_tokens(self) -> int:
@@ -66,11 +75,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, n_slots: int, max_batch: int, prefill_budget: int, max_context: int):
+    def __init__(self, n_slots: int, max_batch: int, prefill_budget: int, max_context: int,
+                 prefix_caching: bool = True):
         self.max_batch = min(max_batch, n_slots)
         self.prefill_budget = prefill_budget
         self.max_context = max_context
-        self.free_slots: list[int] = list(range(n_slots - 1, -1, -1))  # pop() → lowest slot first
+        self.prefix_caching = prefix_caching
+        self.free_slots: list[int] = list(range(n_slots))  # least recently freed first
+        self.retained: dict[int, tuple[Hashable, list[int]]] = {}  # free slot → (cache key, tokens its K/V hold)
         self.n_slots = n_slots
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -93,13 +105,31 @@ class Scheduler:
         admitted = []
         while self.waiting and budget > 0 and self.free_slots and len(self.running) < self.max_batch:
             seq = self.waiting.popleft()
-            seq.slot = self.free_slots.pop()
+            self._take_slot(seq)
             self.running.append(seq)
             admitted.append(seq)
-            end = min(len(seq.prompt_ids), budget)
-            prefill.append(PrefillChunk(seq, 0, end))
-            budget -= end
+            end = min(len(seq.prompt_ids), seq.num_computed + budget)
+            prefill.append(PrefillChunk(seq, seq.num_computed, end))
+            budget -= end - seq.num_computed
         return SchedulerOutput(tuple(admitted), tuple(prefill), decode)
+
+    def _take_slot(self, seq: Sequence) -> None:
+        """The free slot whose retained K/V share the longest prompt prefix with `seq` under the same cache key
+        (its prefill then starts there; at least the last prompt token is recomputed, for its logits), else the
+        least recently freed one."""
+        best, best_len = self.free_slots[0], 0
+        if self.prefix_caching:
+            for slot in self.free_slots:
+                key, tokens = self.retained.get(slot, (None, []))
+                if key != seq.cache_key or len(tokens) <= best_len:
+                    continue
+                n = _common_prefix(tokens, seq.prompt_ids)
+                if n > best_len:
+                    best, best_len = slot, n
+        self.free_slots.remove(best)
+        self.retained.pop(best, None)
+        seq.slot = best
+        seq.num_computed = seq.num_cached = min(best_len, len(seq.prompt_ids) - 1)
 
     def computed(self, out: SchedulerOutput) -> None:
         """The runner wrote the scheduled tokens into the cache."""
@@ -131,6 +161,7 @@ class Scheduler:
             self.waiting.remove(seq)
         if seq.slot is not None:
             self.free_slots.append(seq.slot)
+            self.retained[seq.slot] = (seq.cache_key, (seq.prompt_ids + seq.output_ids)[: seq.num_computed])
             seq.slot = None
 
     def abort(self, request_id: str, reason: FinishReason = "abort") -> list[Sequence]:
@@ -143,3 +174,12 @@ class Scheduler:
     @property
     def slots_in_use(self) -> int:
         return self.n_slots - len(self.free_slots)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

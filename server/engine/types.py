@@ -84,6 +84,7 @@ class EngineStats:
     tokens_per_second: float
     prompt_tokens_total: int
     generation_tokens_total: int
+    prompt_tokens_cached_total: int = 0  # prompt tokens reused from retained K/V (prefix caching), not prefilled
 
 
 class EngineError(Exception):

@@ -83,3 +83,38 @@ def test_abort_of_waiting_request():
     sched.add([seq("a", 3), seq("b", 3)])
     step(sched)
     assert [s.request_id for s in sched.abort("b")] == ["b"] and not sched.waiting
+
+
+def test_a_freed_slot_is_reused_for_the_longest_prefix_under_the_same_key():
+    sched = Scheduler(n_slots=3, max_batch=3, prefill_budget=100, max_context=64)
+    a = Sequence("a", 0, [1, 2, 3, 4, 5], 2, frozenset(), cache_key=("adapter0", ("img1",)))
+    b = Sequence("b", 0, [1, 2, 9], 2, frozenset(), cache_key=("adapter0", ("img1",)))
+    sched.add([a, b])
+    while sched.has_work():
+        step(sched)
+    assert sched.retained[a_slot := 0] == (a.cache_key, [1, 2, 3, 4, 5, 7])  # prompt + computed outputs
+    # longest prefix under the same key: a's slot; its prefill starts after the reused tokens
+    c = Sequence("c", 0, [1, 2, 3, 4, 5, 7, 7, 8], 2, frozenset(), cache_key=("adapter0", ("img1",)))
+    sched.add([c])
+    out = sched.schedule()
+    assert c.slot == a_slot and c.num_cached == 6 and out.prefill[0].start == 6
+    # another image: the same tokens are not reusable (the image enters every adapted layer)
+    d = Sequence("d", 0, [1, 2, 9, 4], 2, frozenset(), cache_key=("adapter0", ("img2",)))
+    sched.add([d])
+    out = sched.schedule()
+    chunk = next(c for c in out.prefill if c.seq is d)
+    assert d.num_cached == 0 and chunk.start == 0 and d.slot == 2  # the never-used slot, not b's
+    # an exact repeat recomputes its last prompt token (its logits give the first output)
+    e = Sequence("e", 0, [1, 2, 9], 2, frozenset(), cache_key=("adapter0", ("img1",)))
+    sched.add([e])
+    sched.schedule()
+    assert e.slot == 1 and e.num_cached == 2
+
+
+def test_prefix_caching_off_never_reuses():
+    sched = Scheduler(n_slots=1, max_batch=1, prefill_budget=100, max_context=64, prefix_caching=False)
+    sched.add([seq("a", 5)])
+    while sched.has_work():
+        step(sched)
+    sched.add([again := seq("b", 8)])
+    assert sched.schedule().prefill[0].start == 0 and again.num_cached == 0
