@@ -36,11 +36,30 @@ from server.settings import Settings
 log = logging.getLogger("lamina.server")
 
 
-def weight_dtype(setting: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """`auto`: bf16 where the CPU computes it natively (AVX512-BF16 or AMX: half the bytes per decoded token and
-    faster GEMMs than fp32 there; ~1.5x decode on SmolLM2 here), else fp32 (emulated bf16 is slower than fp32)."""
+def model_device(setting: str) -> str:
+    """`auto`: the first CUDA GPU when torch sees one, else the CPU. An explicit CUDA device must exist."""
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda"):
+        index = int(setting.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise ValueError(f"--device {setting}: torch sees {torch.cuda.device_count()} CUDA device(s) "
+                             f"(torch {torch.__version__}, CUDA {torch.version.cuda or 'not compiled in'})")
+    return setting
+
+
+def weight_dtype(setting: str, device: str = "cpu", cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """`auto` on CPU: bf16 where the CPU computes it natively (AVX512-BF16 or AMX: half the bytes per decoded token
+    and faster GEMMs than fp32 there; ~1.5x decode on SmolLM2 here), else fp32 (emulated bf16 is slower than fp32).
+    On CUDA: bf16 where the GPU supports it, else fp16 (the reference's inference dtype)."""
     if setting != "auto":
         return setting
+    if device.startswith("cuda"):
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     try:
         flags = set(cpuinfo.read_text().split())
     except OSError:
@@ -52,11 +71,12 @@ def load_model(settings: Settings, progress: Callable[[str], None]):
     """The model the settings name: a LLaMA(-Adapter) checkpoint, a GGUF file, or the embedded default."""
     from models.loading import load_gguf, load_llama_adapter
 
-    dtype = weight_dtype(settings.dtype)
-    progress(f"weights in {dtype}")
+    device = model_device(settings.device)
+    dtype = weight_dtype(settings.dtype, device)
+    progress(f"weights in {dtype} on {device}")
 
     if settings.llama_dir is not None:
-        return load_llama_adapter(
+        loaded = load_llama_adapter(
             llama_dir=settings.llama_dir,
             tokenizer_path=settings.tokenizer,
             adapters=settings.adapters,
@@ -66,8 +86,13 @@ def load_model(settings: Settings, progress: Callable[[str], None]):
             max_seq_len=settings.max_context,
             progress=progress,
         )
-    progress(f"reading {settings.gguf or 'the embedded default model (SmolLM2-135M-Instruct)'}")
-    return load_gguf(settings.gguf, dtype=dtype, max_seq_len=settings.max_context)
+    else:
+        progress(f"reading {settings.gguf or 'the embedded default model (SmolLM2-135M-Instruct)'}")
+        loaded = load_gguf(settings.gguf, dtype=dtype, max_seq_len=settings.max_context)
+    if device != "cpu":
+        progress(f"moving the weights to {device}")
+        loaded.model.to(device)
+    return loaded
 
 
 def build_engine(loaded, settings: Settings):

@@ -56,8 +56,11 @@ class Settings(BaseSettings):
     clip_weights: Path | None = Field(None, description="OpenAI TorchScript file or open_clip state dict")
     gguf: Path | None = Field(None, description="a GGUF chat model instead of the embedded default")
     served_model_name: str | None = Field(None, description="model id of a plain (adapter-less) model")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="where the model runs: auto (a CUDA GPU when torch sees one, else cpu), cpu, cuda[:N]")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="weight dtype; auto: bf16 where the CPU has native bf16 (AVX512-BF16, AMX), else fp32")
+        "auto", description="weight dtype; auto: on CPU bf16 where it is native (AVX512-BF16, AMX), else fp32; "
+        "on CUDA bf16 where supported, else fp16")
     channel_order: Literal["bgr", "rgb"] = Field(
         "bgr", description="bgr reproduces the released LLaMA-Adapter checkpoints' cv2 preprocessing"
     )

@@ -7,7 +7,8 @@
   (from the visual query of each image). Visual queries are kept in an LRU keyed by (adapter, image
   sha256), so the same image arriving again costs no CLIP/visual encoding.
 - `prefill` runs one prompt chunk of one sequence; `decode` runs one token for each of B sequences in one
-  batched forward (rows at different positions, different adapters). Both return float32 logits.
+  batched forward (rows at different positions, different adapters). Both return float32 logits on the CPU
+  (sampling is per row on the host); everything else lives on the model's device.
 - Optionally (`compile_decode`, plain models), the batch-1 decode step goes through torch.compile (Inductor with frozen weights
   and the C++ wrapper): one graph, dynamic in the key length, compiled at warmup. Batch 1 is where Python and
   per-op overhead dominate (larger batches amortise it, prefill is GEMM-bound), so only it is compiled.
@@ -55,16 +56,18 @@ class ModelRunner:
         self.n_slots, self.max_context = n_slots, max_context
         if pack_weights:
             self.llama.pack_weights()  # oneDNN-prepacked copies: the fast CPU GEMV path
-        self.cache = KVCache.allocate(args, n_slots, max_context, kv_dtype)
+        self.device = dev = self.llama.tok_embeddings.weight.device  # where the model is (the loader put it)
+        self.cache = KVCache.allocate(args, n_slots, max_context, kv_dtype, device=dev)
         self.adapters = args.n_adapters > 0
-        self.slot_adapter = torch.zeros(n_slots, dtype=torch.long)  # (S,)
+        self.slot_adapter = torch.zeros(n_slots, dtype=torch.long, device=dev)  # (S,)
         # adaption prompts: up to max_images × query_len per slot; `slot_prompts` counts the valid ones
         self.prompts_on = self.adapters and args.query_len > 0 and len(args.adapted_layers) > 0
         if self.prompts_on:
             P = args.query_len * max_images
             shape = (len(args.adapted_layers), n_slots, args.kv_heads, P, args.head_dim)
             wdtype = self.llama.tok_embeddings.weight.dtype
-            self.prompt_k, self.prompt_v = torch.zeros(shape, dtype=wdtype), torch.zeros(shape, dtype=wdtype)
+            self.prompt_k = torch.zeros(shape, dtype=wdtype, device=dev)
+            self.prompt_v = torch.zeros(shape, dtype=wdtype, device=dev)
         self.slot_prompts = [0] * n_slots
         # slots are the scheduler's names; cache rows are where their K/V live. Decoding slots are kept in
         # rows 0..B-1 (swapping rows when needed) so the model reads the cache through views, not gathers.
@@ -97,7 +100,7 @@ class ModelRunner:
             self.vision_cache.move_to_end(key)
             return vq
         self.vision_misses += 1
-        pixels = (image.pixels if image is not None else self.model.zero_image()[0])[None]  # (1, 3, S, S)
+        pixels = (image.pixels if image is not None else self.model.zero_image()[0])[None].to(self.device)
         vq = self.model.encode_image(pixels, adapter_id)[0]  # (Q, dim)
         self.vision_cache[key] = vq
         if len(self.vision_cache) > self.vision_cache_size:
@@ -133,7 +136,7 @@ class ModelRunner:
     def _batch_inputs(self, slots: list[int]) -> tuple[Tensor | None, PromptKV | None]:
         if not self.adapters:
             return None, None
-        idx = torch.tensor(slots)
+        idx = torch.tensor(slots, device=self.device)
         adapter_ids = self.slot_adapter[idx]  # (B,)
         if not self.prompts_on:
             return adapter_ids, None
@@ -142,7 +145,7 @@ class ModelRunner:
         k, v = self.prompt_k[:, idx, :, :P], self.prompt_v[:, idx, :, :P]  # (n_adapted, B, K, P, D)
         mask = None
         if min(counts) != P:
-            mask = torch.arange(P)[None, :] < torch.tensor(counts)[:, None]  # (B, P)
+            mask = torch.arange(P, device=self.device)[None, :] < torch.tensor(counts, device=self.device)[:, None]
         return adapter_ids, PromptKV(k, v, mask)
 
     # ------------------------------------------------------------------------------------------- forwards
@@ -165,10 +168,10 @@ class ModelRunner:
         adapter_ids, pkv = self._batch_inputs([slot])
         self.length[slot] = max(self.length[slot], start + len(tokens))
         logits = self.llama(
-            torch.tensor([tokens]), torch.arange(start, start + len(tokens))[None], cache=self.cache,
-            slots=torch.tensor([self.row_of[slot]]), adapter_ids=adapter_ids, prompt_kv=pkv,
+            self._ids([tokens]), torch.arange(start, start + len(tokens), device=self.device)[None],
+            cache=self.cache, slots=self._ids([self.row_of[slot]]), adapter_ids=adapter_ids, prompt_kv=pkv,
         )  # (1, V)
-        return logits[0]
+        return logits[0].cpu()
 
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> Tensor:
@@ -178,21 +181,24 @@ class ModelRunner:
         if B == 1 and self.compiled is not None:
             self.length[slots[0]] = max(self.length[slots[0]], positions[0] + 1)
             adapter_ids, pkv = self._batch_inputs(slots)
-            keys = torch.arange(positions[0] + 1)  # its length is the compiled graph's dynamic dimension
+            keys = torch.arange(positions[0] + 1, device=self.device)  # its length: the graph's dynamic dimension
             torch._dynamo.mark_dynamic(keys, 0)
-            return self.compiled(torch.tensor([[tokens[0]]]), keys, adapter_ids, pkv)
+            return self.compiled(self._ids([[tokens[0]]]), keys, adapter_ids, pkv).cpu()
         order = sorted(range(B), key=lambda i: self.row_of[slots[i]])  # batch row i reads cache row i
         slots, tokens, positions = [slots[i] for i in order], [tokens[i] for i in order], [positions[i] for i in order]
         for s, p in zip(slots, positions, strict=True):
             self.length[s] = max(self.length[s], p + 1)
         adapter_ids, pkv = self._batch_inputs(slots)
         logits = self.llama(
-            torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], cache=self.cache,
-            slots=torch.arange(B), adapter_ids=adapter_ids, prompt_kv=pkv,
+            self._ids(tokens)[:, None], self._ids(positions)[:, None], cache=self.cache,
+            slots=torch.arange(B, device=self.device), adapter_ids=adapter_ids, prompt_kv=pkv,
         )  # (B, V) in row order
         if order != list(range(B)):
-            logits = logits[torch.tensor(order).argsort()]
-        return logits
+            logits = logits[self._ids(order).argsort()]
+        return logits.cpu()
+
+    def _ids(self, values: list) -> Tensor:
+        return torch.tensor(values, device=self.device)
 
     def _decode_one(self, tokens: Tensor, keys: Tensor, adapter_ids: Tensor | None, pkv: PromptKV | None) -> Tensor:
         """Batch-1 decode of the sequence in cache row 0 at position len(keys) - 1, without host syncs (what
@@ -201,7 +207,7 @@ class ModelRunner:
         L = keys.shape[0]
         positions = keys[-1:][None]  # (1, 1)
         rot = rotations(positions, a.head_dim, a.rope_theta)
-        writes = torch.arange(a.kv_heads) * self.cache.max_len + (L - 1)  # row 0: (head, position) rows
+        writes = torch.arange(a.kv_heads, device=keys.device) * self.cache.max_len + (L - 1)  # row 0: (head, position) rows
         step = Step(rot, None, slice(0, 1), writes, L)
         return self.llama.run(tokens, step, cache=self.cache, adapter_ids=adapter_ids, prompt_kv=pkv)
 

@@ -58,6 +58,7 @@ def test_environment_and_precedence(monkeypatch):
     (["--llama-dir", "/l", "--tokenizer", "/t", "--adapter", "broken"], "NAME=PATH"),
     (["--image-allowed-hosts", "10.0.0.0/99"], "image-allowed-hosts"),
     (["--port", "99999"], "--port"),
+    (["--device", "tpu"], "--device"),
 ])
 def test_bad_flags_exit_2_with_a_message(argv, message, capsys):
     assert main(["serve", *argv]) == 2
@@ -82,8 +83,24 @@ def test_auto_dtype_is_bf16_only_with_native_bf16(tmp_path):
         return path
 
     assert parse([]).dtype == "auto"
-    assert weight_dtype("auto", cpu("avx512f avx512_bf16")) == "bf16"
-    assert weight_dtype("auto", cpu("avx512f amx_bf16 amx_tile")) == "bf16"
-    assert weight_dtype("auto", cpu("avx512f avx512bw")) == "fp32"  # bf16 only emulated: slower than fp32
-    assert weight_dtype("auto", tmp_path / "missing") == "fp32"
-    assert weight_dtype("fp16", cpu("avx512_bf16")) == "fp16"  # an explicit choice is kept
+    assert weight_dtype("auto", "cpu", cpu("avx512f avx512_bf16")) == "bf16"
+    assert weight_dtype("auto", "cpu", cpu("avx512f amx_bf16 amx_tile")) == "bf16"
+    assert weight_dtype("auto", "cpu", cpu("avx512f avx512bw")) == "fp32"  # bf16 only emulated: slower than fp32
+    assert weight_dtype("auto", "cpu", tmp_path / "missing") == "fp32"
+    assert weight_dtype("fp16", "cpu", cpu("avx512_bf16")) == "fp16"  # an explicit choice is kept
+
+
+def test_device_auto_is_the_cpu_without_a_gpu_and_cuda_must_exist():
+    import torch
+
+    from server.app import model_device
+
+    assert parse([]).device == "auto" and parse(["--device", "cuda:1"]).device == "cuda:1"
+    with pytest.raises(ValueError, match="device"):  # pydantic's ValidationError; `lamina serve` exits 2 on it
+        parse(["--device", "tpu"])
+    if torch.cuda.is_available():
+        assert model_device("auto") == "cuda"
+    else:
+        assert model_device("auto") == "cpu"
+        with pytest.raises(ValueError, match="--device cuda: torch sees 0 CUDA device"):
+            model_device("cuda")
