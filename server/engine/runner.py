@@ -9,9 +9,10 @@
 - `prefill` runs one prompt chunk of one sequence; `decode` runs one token for each of B sequences in one
   batched forward (rows at different positions, different adapters). Both return float32 logits on the CPU
   (sampling is per row on the host); everything else lives on the model's device.
-- Optionally (`compile_decode`, plain models), the batch-1 decode step goes through torch.compile (Inductor with frozen weights
-  and the C++ wrapper): one graph, dynamic in the key length, compiled at warmup. Batch 1 is where Python and
-  per-op overhead dominate (larger batches amortise it, prefill is GEMM-bound), so only it is compiled.
+- Optionally (`compile_decode`, plain models), the batch-1 decode step goes through torch.compile (Inductor
+  with frozen weights and the C++ wrapper): one graph, dynamic in the key length, compiled at warmup. Batch 1
+  is where Python and per-op overhead dominate (larger batches amortise it, prefill is GEMM-bound), so only it
+  is compiled.
 """
 
 from __future__ import annotations

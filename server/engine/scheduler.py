@@ -129,7 +129,7 @@ class Scheduler:
         self.free_slots.remove(best)
         self.retained.pop(best, None)
         seq.slot = best
-        seq.num_computed = seq.num_cached = min(best_len, len(seq.prompt_ids) - 1)
+        seq.num_computed = seq.num_cached = max(0, min(best_len, len(seq.prompt_ids) - 1))
 
     def computed(self, out: SchedulerOutput) -> None:
         """The runner wrote the scheduled tokens into the cache."""
