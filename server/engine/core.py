@@ -107,7 +107,8 @@ class EngineCore:
         seqs = []
         key = (adapter_id, tuple(image.sha256 for image in request.images))  # what the text K/V depend on
         for i in range(p.n):
-            seq = Sequence(request.request_id, i, list(request.prompt_ids), p.max_tokens, stop_ids, cache_key=key)
+            seq = Sequence(request.request_id, i, list(request.prompt_ids), p.max_tokens, stop_ids, cache_key=key,
+                           parent=seqs[0] if seqs else None)
             state = SamplingState.create(p, request.prompt_ids, i)
             self.choices[seq] = _Choice(seq, request, adapter_id, state, IncrementalDetokenizer(self.tokenizer))
             seqs.append(seq)
@@ -140,6 +141,8 @@ class EngineCore:
         for seq in plan.admitted:
             choice = self.choices[seq]
             self.runner.admit(seq.slot, choice.adapter_id, choice.request.images, cached=seq.num_cached)
+            if seq.fork_of is not None:
+                self.runner.copy_slot(seq.fork_of, seq.slot, seq.num_cached)
             self.prompt_tokens_cached_total += seq.num_cached
             if self.on_admit is not None:
                 self.on_admit(seq.request_id)

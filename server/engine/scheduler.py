@@ -11,6 +11,10 @@ Prefix reuse: a freed slot keeps its K/V rows until it is reused, and the schedu
 layer, so text K/V is only reusable under the same adapter and images). A newly admitted sequence takes the
 free slot holding the longest common prefix under an equal key and starts its prefill after it — a follow-up
 turn of a chat re-prefills only what is new. Without a match it takes the least recently freed slot.
+
+n > 1: the choices of a request share their prompt. Choices 1.. wait while choice 0 prefills it, then copy its
+K/V (`fork_of`) and prefill only the last prompt token themselves (for their own first-token logits); if choice 0
+has already finished, its retained slot serves them through prefix reuse instead.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class Sequence:
     finish_reason: FinishReason | None = None
     cache_key: Hashable = None  # what its K/V depend on besides the tokens (adapter, images)
     num_cached: int = 0  # prompt tokens found in its slot's retained K/V at admission (not recomputed)
+    parent: Sequence | None = None  # choice 0 of its request (n > 1): the prompt is prefilled once, there
+    fork_of: int | None = None  # at admission: the slot whose prompt K/V the runner copies (`num_cached` rows)
 
     @property
     def num_tokens(self) -> int:
@@ -102,15 +108,23 @@ class Scheduler:
                 end = min(len(seq.prompt_ids), seq.num_computed + budget)
                 prefill.append(PrefillChunk(seq, seq.num_computed, end))
                 budget -= end - seq.num_computed
-        admitted = []
+        admitted, deferred = [], []
         while self.waiting and budget > 0 and self.free_slots and len(self.running) < self.max_batch:
             seq = self.waiting.popleft()
+            parent = seq.parent
+            if parent is not None and parent.slot is not None and parent.prefilling:
+                deferred.append(seq)  # its prompt is being prefilled by choice 0: fork from it once done
+                continue
             self._take_slot(seq)
+            if parent is not None and parent.slot is not None and len(seq.prompt_ids) > 1:
+                seq.fork_of = parent.slot  # choice 0 holds the prompt's K/V: copy all but the last token
+                seq.num_computed = seq.num_cached = len(seq.prompt_ids) - 1
             self.running.append(seq)
             admitted.append(seq)
             end = min(len(seq.prompt_ids), seq.num_computed + budget)
             prefill.append(PrefillChunk(seq, seq.num_computed, end))
             budget -= end - seq.num_computed
+        self.waiting.extendleft(reversed(deferred))  # they keep their place at the front
         return SchedulerOutput(tuple(admitted), tuple(prefill), decode)
 
     def _take_slot(self, seq: Sequence) -> None:

@@ -116,3 +116,20 @@ def test_incremental_text_equals_decode(plain):
 def test_context_fills_with_length(plain):
     outs = run(plain, [request("r", PROMPTS[2], GREEDY)], max_context=26)["r"]
     assert outs[-1].finish_reason == "length" and len(token_ids(outs)) == 4
+
+
+def test_n_choices_prefill_the_prompt_once(plain):
+    """Choices 1.. copy choice 0's prompt K/V and prefill only the last prompt token; greedy choices then equal
+    the single-choice answer, and seeded choices are the same whatever else shares the batch."""
+    prompt = PROMPTS[2]  # 22 tokens, prefilled in chunks of 5
+    core = make_core(plain, prefill_chunk=5)
+    outs = core.generate_all([(request("g", prompt, SamplingParams(max_tokens=6, temperature=0, n=3,
+                                                                   ignore_eos=True)), 0)])["g"]
+    assert core.prompt_tokens_total == len(prompt) + 2  # once, plus the last token for each other choice
+    single = token_ids(run(plain, [request("one", prompt)])["one"])[:6]
+    assert [token_ids(outs, i) for i in range(3)] == [single] * 3
+    seeded = SamplingParams(max_tokens=6, temperature=1.0, n=3, seed=3, ignore_eos=True)
+    alone = run(plain, [request("s", prompt, seeded)], prefill_chunk=5)["s"]
+    mixed = run(plain, [request("x", PROMPTS[0]), request("s", prompt, seeded), request("y", PROMPTS[1])],
+                prefill_chunk=5)["s"]
+    assert [token_ids(alone, i) for i in range(3)] == [token_ids(mixed, i) for i in range(3)]
