@@ -272,9 +272,10 @@ def bandwidth_gbs() -> float:
 
 
 def gemv_floor_ms(dtype: str, threads: int) -> float:
-    """A batch-1 decode step's matrix-vector products alone, as our model runs them (oneDNN on the prepacked
-    weights, in layer order, so each weight streams from DRAM as in a real step): the floor that these kernels
-    put under our batch-1 step before any norm, RoPE, attention or Python overhead."""
+    """A batch-1 decode step's matrix-vector products alone, as our model runs them (the bf16 GEMV kernel of
+    models/kernels where it is available, else oneDNN, on the prepacked weights, in layer order, so each weight
+    streams from DRAM as in a real step): the floor under our batch-1 step before any norm, RoPE, attention or
+    Python overhead. LAMINA_KERNELS=0 measures oneDNN's."""
     import statistics
 
     import torch
@@ -301,6 +302,12 @@ def gemv_floor_ms(dtype: str, threads: int) -> float:
                 linear(x, None, packed)
             times.append(time.perf_counter() - t)
     return statistics.median(times[3:]) * 1e3
+
+
+def gemv_name() -> str:
+    from models import kernels
+
+    return "bf16 GEMV kernel" if kernels.available() else "oneDNN"
 
 
 def weight_bytes_per_token(elem: int) -> float:
@@ -353,7 +360,7 @@ def main() -> None:
     w = {**workload(args.requests, args.max_tokens, args.rate), "threads": args.threads}
     if args.direct:
         direct_decode(args.dtype, args.threads, args.compile)
-        print(f"the model's GEMVs alone (oneDNN, prepacked, cold): {gemv_floor_ms(args.dtype, args.threads):.1f} ms")
+        print(f"the model's GEMVs alone ({gemv_name()}, cold): {gemv_floor_ms(args.dtype, args.threads):.1f} ms")
         return
 
     if args.peer:
@@ -379,7 +386,7 @@ def main() -> None:
               "llamacpp": "llama.cpp (same GGUF, Q4_1)"}
     print(f"\nmemory bandwidth (copy, r+w): {bw:.1f} GB/s; batch-1 weight bytes/token ({args.dtype}): "
           f"{wb / 1e6:.0f} MB -> roofline {roofline:.0f} tok/s")
-    print(f"the model's GEMVs alone (oneDNN, prepacked, cold): {floor:.1f} ms/token -> at most {1e3 / floor:.0f} "
+    print(f"the model's GEMVs alone ({gemv_name()}, cold): {floor:.1f} ms/token -> at most {1e3 / floor:.0f} "
           f"tok/s = {1e3 / floor / roofline:.0%} of the roofline")
     span = w["arrivals"][-1]
     print(f"workload: batch-1 decode of {w['single_tokens']} tokens; {args.requests} requests, Poisson "

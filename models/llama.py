@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models import kernels
 from models.config import ModelArgs
 
 
@@ -100,19 +101,32 @@ def rope(x: Tensor, rot: Tensor) -> Tensor:
     return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
 
 
-def linear(x: Tensor, weight: Tensor | None, packed: Tensor | None) -> Tensor:
-    """F.linear, or oneDNN's linear over a weight prepacked by `pack_weight` (CPU: 1.5-5x faster GEMV)."""
+@dataclass(frozen=True)
+class Packed:
+    """Inference copies of one weight in faster layouts (CPU): oneDNN's blocked layout for any batch, and the
+    bf16 GEMV kernel's (models/kernels) for one-row inputs, i.e. batch-1 decode."""
+
+    onednn: Tensor | None
+    gemv: Tensor | None
+
+
+def linear(x: Tensor, weight: Tensor | None, packed: Packed | None) -> Tensor:
+    """F.linear, or a faster kernel over a copy prepacked by `pack_weight` (CPU: 1.5-5x faster GEMV)."""
     if packed is None:
         return F.linear(x, weight)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")
+    if packed.gemv is not None and x.numel() == x.shape[-1]:  # one row: the bf16 GEMV kernel
+        return kernels.gemv(x, packed.gemv)
+    if packed.onednn is None:
+        return F.linear(x, weight)
+    return torch.ops.mkldnn._linear_pointwise(x, packed.onednn, None, "none", [None], "")
 
 
-def pack_weight(weight: Tensor) -> Tensor | None:
-    """The oneDNN blocked layout of a CPU fp32/bf16 weight (a copy), or None where that path is unavailable."""
+def pack_weight(weight: Tensor) -> Packed | None:
+    """Prepacked copies of a CPU fp32/bf16 weight, or None where no faster path is available."""
     ok = weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
     if not (ok and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+    return Packed(torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1), kernels.pack(weight))
 
 
 class AdapterLinear(nn.Module):
@@ -126,7 +140,7 @@ class AdapterLinear(nn.Module):
         lora = args.w_lora and A > 0
         self.lora_l1 = nn.Parameter(torch.zeros(A, r, d_in)) if lora else None  # (A, r, in)
         self.lora_l2 = nn.Parameter(torch.zeros(A, d_out, r)) if lora else None  # (A, out, r)
-        self.packed: Tensor | None = None  # prepacked copy of `weight` (see Transformer.pack_weights)
+        self.packed: Packed | None = None  # prepacked copy of `weight` (see Transformer.pack_weights)
 
     def base(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.packed)
@@ -180,7 +194,7 @@ class Attention(nn.Module):
         prompts = args.query_len > 0 and A > 0
         self.gate = nn.Parameter(torch.zeros(A, H)) if prompts else None  # applied as tanh(gate)
         self.new_gate = nn.Parameter(torch.ones(A)) if prompts and args.w_new_gate else None
-        self.wqkv_packed: Tensor | None = None  # prepacked [wq; wk; wv]: one GEMV instead of three
+        self.wqkv_packed: Packed | None = None  # prepacked [wq; wk; wv]: one GEMV instead of three
 
     def forward(
         self,
@@ -250,7 +264,7 @@ class FeedForward(nn.Module):
         self.w1 = AdapterLinear(args.dim, hidden, args, bias=True)
         self.w2 = AdapterLinear(hidden, args.dim, args, bias=True)
         self.w3 = AdapterLinear(args.dim, hidden, args, bias=True)
-        self.w13_packed: Tensor | None = None  # prepacked [w1; w3]: one GEMV instead of two
+        self.w13_packed: Packed | None = None  # prepacked [w1; w3]: one GEMV instead of two
 
     def forward(self, x: Tensor, adapter_ids: Tensor | None) -> Tensor:
         if self.w13_packed is not None:
@@ -283,7 +297,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, max(args.n_adapters, 1))
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.output_packed: Tensor | None = None
+        self.output_packed: Packed | None = None
 
     def forward(
         self,
