@@ -42,7 +42,8 @@ def available() -> bool:
         build = Path(os.environ.get("LAMINA_KERNEL_DIR", Path.home() / ".cache" / "lamina" / "kernels"))
         build = build / f"torch-{torch.__version__}"
         build.mkdir(parents=True, exist_ok=True)
-        load(name="lamina_gemv_bf16", sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native"],
+        load(name="lamina_gemv_bf16", sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+             extra_ldflags=["-fopenmp"],
              build_directory=str(build), is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, no headers, ...: oneDNN stays in use
         log.warning("bf16 GEMV kernel unavailable, using oneDNN: %s", str(e).strip().splitlines()[-1][:300])
