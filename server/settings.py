@@ -75,7 +75,7 @@ class Settings(BaseSettings):
         True, description="reuse a finished request's KV cache for a prompt that starts the same way (same adapter "
         "and images): a chat's next turn prefills only what is new")
     compile: bool = Field(
-        False, description="compile batch-1 decode with torch.compile (plain models; CPU: ~1.4x faster single-stream "
+        False, description="compile batch-1 decode with torch.compile (plain models; CPU: ~1.5x faster single-stream "
         "decode, about a minute more at startup)")
     default_max_tokens: int | None = Field(
         None, ge=1, description="chat completion length when the client sets none (default: rest of context)"
