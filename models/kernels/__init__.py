@@ -1,6 +1,6 @@
 """Optional CPU kernels, built on first use with the machine's C++ compiler and cached.
 
-`gemv_bf16`: a batch-1 bf16 matrix-vector product for CPUs with AVX512-BF16 (see gemv_bf16.cpp) — about 2.4x
+`gemv_bf16`: a batch-1 bf16 matrix-vector product for CPUs with AVX512-BF16 (see gemv_bf16.cpp) — about 2x
 faster than oneDNN's on this project's 2-core CPU, where batch-1 decode is bound by streaming the weights.
 `available()` builds it once (torch.utils.cpp_extension, cached under $LAMINA_KERNEL_DIR or
 ~/.cache/lamina/kernels) and says whether it can be used; without a compiler, or on a CPU without AVX512-BF16,
@@ -42,9 +42,9 @@ def available() -> bool:
         build = Path(os.environ.get("LAMINA_KERNEL_DIR", Path.home() / ".cache" / "lamina" / "kernels"))
         build = build / f"torch-{torch.__version__}"
         build.mkdir(parents=True, exist_ok=True)
+        # -fopenmp: at::parallel_for is inline, and single-threaded, without it (libgomp.so.1 resolves to torch's)
         load(name="lamina_gemv_bf16", sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-             extra_ldflags=["-fopenmp"],
-             build_directory=str(build), is_python_module=False, verbose=False)
+             extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, no headers, ...: oneDNN stays in use
         log.warning("bf16 GEMV kernel unavailable, using oneDNN: %s", str(e).strip().splitlines()[-1][:300])
         return False

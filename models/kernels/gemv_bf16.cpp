@@ -5,8 +5,8 @@
 // columns for all 16 rows. y[16 rows] += dpbf16(line, broadcast(x[2p], x[2p+1])): the weights stream
 // sequentially, there are no horizontal sums, and fp32 accumulators are rounded to bf16 once at the end.
 // Blocks are split across torch's intra-op threads (at::parallel_for), so no extra threads are started.
-// On this project's 2-core CPU a decode step's 121 GEMVs of SmolLM2-135M take ~5.5 ms, against ~13 ms
-// for oneDNN on prepacked weights (benchmarks/engine_bench.py --direct prints both).
+// On this project's 2-core CPU a decode step's 121 GEMVs of SmolLM2-135M take 6.7-8.9 ms, against 15-17 ms
+// for oneDNN on prepacked weights (benchmarks/engine_bench.py --direct, with LAMINA_KERNELS=0 for oneDNN).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
