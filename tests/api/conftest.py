@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -13,13 +12,13 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from server.app import create_app
 from server.settings import Settings
 from tests.models.conftest import REF, load_reference
+from tests.net import live_server  # noqa: F401 - the API tests' live server
 
 MSG = [{"role": "user", "content": "Say something."}]
 
@@ -63,38 +62,6 @@ def app_client(loaded=None, *, engine=None, runner=None, headers=None, **kw) -> 
     with TestClient(app, headers=headers or {}) as client:
         wait_ready(client)
         yield client
-
-
-@contextmanager
-def live_server(app, make_server=uvicorn.Server) -> Iterator[str]:
-    """Serve `app` with uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = make_server(uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=2))
-    live_server.current = server
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    else:
-        raise TimeoutError("live server never became ready")
-    try:
-        yield base
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
 
 
 def png_bytes(size=(32, 24), color=(200, 30, 30), fmt="PNG") -> bytes:

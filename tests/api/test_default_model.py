@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.net import free_port
+
 IMAGES = Path(__file__).resolve().parents[1] / "data" / "images"
 LAMINA = str(Path(sys.executable).with_name("lamina"))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env() -> dict:

@@ -17,12 +17,13 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "local-docker.sh"
@@ -83,11 +84,6 @@ def _local_docker(command: str) -> str:
     assert result.returncode == 0, f"local-docker.sh {command}:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -241,9 +237,9 @@ def test_compose_replicas_behind_nginx(docker: Docker, image: str):
     t0 = time.monotonic()
     docker.run("build", "-t", LB_IMAGE, "--build-arg", f"BASE_IMAGE={BASE}", str(ROOT / "deploy" / "nginx"))
     _step("nginx image", t0)
-    port = _free_port()
+    port = free_port()
     env = {"COMPOSE_PROJECT_NAME": f"laminatest{os.getpid()}", "LAMINA_IMAGE": image, "LAMINA_LB_IMAGE": LB_IMAGE,
-           "LAMINA_LB_PORT": str(port), "LAMINA_HOST_PORT": str(_free_port()), "LAMINA_REPLICAS": "2",
+           "LAMINA_LB_PORT": str(port), "LAMINA_HOST_PORT": str(free_port()), "LAMINA_REPLICAS": "2",
            "LAMINA_CPUS": "1", "LAMINA_MEMORY": "4g"}
     t0 = time.monotonic()
     try:

@@ -13,13 +13,14 @@ import base64
 import concurrent.futures
 import json
 import os
-import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import pytest
+
+from tests.net import free_port
 
 IMAGES = Path(__file__).resolve().parents[1] / "data" / "images"
 
@@ -114,11 +115,6 @@ def test_serve_config_file_is_valid():
 
 
 # ------------------------------------------------------------------------------------------- live cluster
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def serve_url():
@@ -131,7 +127,7 @@ def serve_url():
             "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
     saved = {k: os.environ.get(k) for k in fast}
     os.environ.update(fast)
-    port = _free_port()
+    port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False,
              namespace="lamina-test", configure_logging=False)
     try:

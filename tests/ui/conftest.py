@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
-import uvicorn
+
+from tests import net
 
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -99,39 +95,10 @@ def open_page(browser):
         probe.close()
 
 
-@contextmanager
-def live_server(app, ready_path: str = "/v1/models", headers: dict | None = None,
-                timeout: float = 120.0) -> Iterator[str]:
-    """Serve `app` with uvicorn on a free 127.0.0.1 port in a thread; yields the base URL once `ready_path`
-    answers 200 (or 401, for an app that wants a key)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=2,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                r = httpx.get(base + ready_path, headers=headers or {}, timeout=5)
-                if r.status_code in (200, 401):
-                    break
-                if r.status_code == 503 and "failed" in r.text:
-                    raise RuntimeError(f"the app failed to start: {r.text}")
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise TimeoutError(f"the live server never became ready at {base}{ready_path}")
-            time.sleep(0.1)
-        yield base
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
+def live_server(app, ready_path: str = "/v1/models", headers: dict | None = None, timeout: float = 120.0):
+    """tests.net.live_server for the page: ready on 200 or 401 (an app that wants a key), quiet logs."""
+    return net.live_server(app, ready_path=ready_path, ready_statuses=(200, 401), headers=headers,
+                           timeout=timeout, log_level="warning")
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, message: str = "condition"):
