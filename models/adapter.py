@@ -46,7 +46,7 @@ class LlamaAdapterV2(nn.Module):
     @torch.inference_mode()
     def visual_query(self, clip_tokens: Tensor, adapter_id: int) -> Tensor:
         """CLIP tokens → this adapter's visual query (B, query_len, dim), in the model's dtype."""
-        return self.visual[adapter_id](clip_tokens).to(self.llama.tok_embeddings.weight.dtype)
+        return self.visual[adapter_id](clip_tokens).to(self.llama.dtype)
 
     def encode_image(self, images: Tensor, adapter_id: int) -> Tensor:
         return self.visual_query(self.clip_tokens(images), adapter_id)
@@ -62,5 +62,5 @@ class LlamaAdapterV2(nn.Module):
         """
         adapter = self.visual[adapter_id]
         prompts = torch.cat([adapter.prompts(vq[None] if vq.dim() == 2 else vq) for vq in visual_queries], dim=2)
-        k, v = self.llama.prompt_kv(prompts.to(self.llama.tok_embeddings.weight.dtype))
+        k, v = self.llama.prompt_kv(prompts.to(self.llama.dtype))
         return PromptKV(k, v)

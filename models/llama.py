@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models import kernels
 from models.config import ModelArgs
+from models.kernels import quant
+from models.kernels.quant import Weight
 
 
 @dataclass(frozen=True)
@@ -101,32 +102,10 @@ def rope(x: Tensor, rot: Tensor) -> Tensor:
     return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
 
 
-@dataclass(frozen=True)
-class Packed:
-    """Inference copies of one weight in faster layouts (CPU): oneDNN's blocked layout for any batch, and the
-    bf16 GEMV kernel's (models/kernels) for one-row inputs, i.e. batch-1 decode."""
-
-    onednn: Tensor | None
-    gemv: Tensor | None
-
-
-def linear(x: Tensor, weight: Tensor | None, packed: Packed | None) -> Tensor:
-    """F.linear, or a faster kernel over a copy prepacked by `pack_weight` (CPU: 1.5-5x faster GEMV)."""
-    if packed is None:
-        return F.linear(x, weight)
-    if packed.gemv is not None and x.numel() == x.shape[-1]:  # one row: the bf16 GEMV kernel
-        return kernels.gemv(x, packed.gemv)
-    if packed.onednn is None:
-        return F.linear(x, weight)
-    return torch.ops.mkldnn._linear_pointwise(x, packed.onednn, None, "none", [None], "")
-
-
-def pack_weight(weight: Tensor) -> Packed | None:
-    """Prepacked copies of a CPU fp32/bf16 weight, or None where no faster path is available."""
-    ok = weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-    if not (ok and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        return None
-    return Packed(torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1), kernels.pack(weight))
+def linear(x: Tensor, weight: Tensor | None, packed: Weight | None) -> Tensor:
+    """x @ W.T through the weight's packed form (models/kernels: integer or bf16 kernels) when it has one,
+    else F.linear on the plain weight. A linear layer holds one of the two, never both."""
+    return F.linear(x, weight) if packed is None else packed.matmul(x)
 
 
 class AdapterLinear(nn.Module):
@@ -140,7 +119,7 @@ class AdapterLinear(nn.Module):
         lora = args.w_lora and A > 0
         self.lora_l1 = nn.Parameter(torch.zeros(A, r, d_in)) if lora else None  # (A, r, in)
         self.lora_l2 = nn.Parameter(torch.zeros(A, d_out, r)) if lora else None  # (A, out, r)
-        self.packed: Packed | None = None  # prepacked copy of `weight` (see Transformer.pack_weights)
+        self.packed: Weight | None = None  # the weight in a kernel's layout; `weight` is then None
 
     def base(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.packed)
@@ -164,11 +143,12 @@ class AdapterLinear(nn.Module):
         """Fold the (single) adapter's LoRA into the weight: W' = W + l2 @ l1. Exact up to rounding."""
         if self.lora_l1 is None:
             return
+        if self.weight is None:
+            raise RuntimeError("merge LoRA before the weights are packed or quantized")
         assert self.lora_l1.shape[0] == 1, "merging LoRA needs exactly one adapter on this base"
         delta = self.lora_l2[0].float() @ self.lora_l1[0].float()
         self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
         self.lora_l1, self.lora_l2 = None, None
-        self.packed = None if self.packed is None else pack_weight(self.weight)
 
 
 @dataclass(frozen=True)
@@ -194,7 +174,7 @@ class Attention(nn.Module):
         prompts = args.query_len > 0 and A > 0
         self.gate = nn.Parameter(torch.zeros(A, H)) if prompts else None  # applied as tanh(gate)
         self.new_gate = nn.Parameter(torch.ones(A)) if prompts and args.w_new_gate else None
-        self.wqkv_packed: Packed | None = None  # prepacked [wq; wk; wv]: one GEMV instead of three
+        self.wqkv_packed: Weight | None = None  # [wq; wk; wv] packed as one: one product instead of three
 
     def forward(
         self,
@@ -227,8 +207,9 @@ class Attention(nn.Module):
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, D)
         else:
             cache_k, cache_v = cache
-            cache_k.view(-1, D).index_copy_(0, step.writes, k.reshape(-1, D))  # rows in (B, T, K) order
-            cache_v.view(-1, D).index_copy_(0, step.writes, v.reshape(-1, D))
+            # rows in (B, T, K) order; the cache may be held in a narrower dtype than the activations
+            cache_k.view(-1, D).index_copy_(0, step.writes, k.reshape(-1, D).to(cache_k.dtype))
+            cache_v.view(-1, D).index_copy_(0, step.writes, v.reshape(-1, D).to(cache_v.dtype))
             keys, values = cache_k[step.rows, :, : step.L], cache_v[step.rows, :, : step.L]  # (B, K, L, D)
         q = q.transpose(1, 2)  # (B, H, T, D)
         if T == 1 and prompt_kv is None:  # decode: plain batched matmuls (in fp32) beat SDPA's CPU kernels
@@ -238,6 +219,7 @@ class Attention(nn.Module):
                 scores = scores + step.mask  # (B, 1, 1, L)
             out = (F.softmax(scores, dim=-1) @ values.float()).type_as(q).view(B, H, 1, D)  # (B, H, 1, D)
         else:
+            keys, values = keys.to(q.dtype), values.to(q.dtype)  # no copy when the cache is in q's dtype
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=K != H)  # (B,H,T,D)
 
         if prompt_kv is not None and self.gate is not None:
@@ -264,7 +246,7 @@ class FeedForward(nn.Module):
         self.w1 = AdapterLinear(args.dim, hidden, args, bias=True)
         self.w2 = AdapterLinear(hidden, args.dim, args, bias=True)
         self.w3 = AdapterLinear(args.dim, hidden, args, bias=True)
-        self.w13_packed: Packed | None = None  # prepacked [w1; w3]: one GEMV instead of two
+        self.w13_packed: Weight | None = None  # [w1; w3] packed as one: one product instead of two
 
     def forward(self, x: Tensor, adapter_ids: Tensor | None) -> Tensor:
         if self.w13_packed is not None:
@@ -297,7 +279,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, max(args.n_adapters, 1))
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.output_packed: Packed | None = None
+        self.embed_packed: Weight | None = None  # packed token embeddings (rows dequantized on lookup)
+        self.output_packed: Weight | None = None  # packed output projection (the embeddings when tied)
 
     def forward(
         self,
@@ -311,7 +294,7 @@ class Transformer(nn.Module):
         last_only: bool = True,
     ) -> Tensor:
         """Logits as float32: (B, vocab) for the last position, or (B, T, vocab) with last_only=False."""
-        step = self.step(positions, cache, slots, self.tok_embeddings.weight.dtype)
+        step = self.step(positions, cache, slots, self.dtype)
         return self.run(tokens, step, cache=cache, adapter_ids=adapter_ids, prompt_kv=prompt_kv, last_only=last_only)
 
     def run(
@@ -325,7 +308,7 @@ class Transformer(nn.Module):
         last_only: bool = True,
     ) -> Tensor:
         """`forward` after the per-forward state: no host syncs, fixed shapes for a given `step` (compilable)."""
-        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        h = self.embed(tokens)  # (B, T, dim)
         adapted = self.args.adapted_layers
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
@@ -338,8 +321,18 @@ class Transformer(nn.Module):
             h = h[:, -1:, :]
         h = self.norm(h, adapter_ids)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        logits = linear(h, weight, self.output_packed).float()
+        logits = linear(h, weight, self.output_packed).float()  # packed: `weight` is None
         return logits[:, -1] if last_only else logits
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (the model's `--dtype`): what the norms are held in."""
+        return self.norm.weight.dtype
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        if self.embed_packed is None:
+            return self.tok_embeddings(tokens)
+        return self.embed_packed.rows(tokens).to(self.dtype)
 
     def step(self, positions: Tensor, cache: KVCache | None, slots: Tensor | None, dtype: torch.dtype) -> Step:
         """The per-forward state shared by the layers: RoPE rotations, the causal mask, the cache rows."""
@@ -375,27 +368,89 @@ class Transformer(nn.Module):
             attn = self.layers[i].attention
             p = prompts[j]
             B, P, _ = p.shape
-            ks.append(attn.wk.base(p).view(B, P, a.kv_heads, a.head_dim).transpose(1, 2))
-            vs.append(attn.wv.base(p).view(B, P, a.kv_heads, a.head_dim).transpose(1, 2))
+            if attn.wqkv_packed is not None:
+                _, k, v = linear(p, None, attn.wqkv_packed).split([a.n_heads * a.head_dim, *[a.kv_heads * a.head_dim] * 2], -1)
+            else:
+                k, v = attn.wk.base(p), attn.wv.base(p)
+            ks.append(k.reshape(B, P, a.kv_heads, a.head_dim).transpose(1, 2))
+            vs.append(v.reshape(B, P, a.kv_heads, a.head_dim).transpose(1, 2))
         return torch.stack(ks), torch.stack(vs)
 
     def merge_lora(self) -> None:
         """Fold LoRA into wq, wo, w1, w2, w3. wk/wv keep theirs unmerged: the adaption prompts must go
-        through the plain wk/wv weights."""
+        through the plain wk/wv weights. Before `pack_weights`."""
         for layer in self.layers:
-            for linear in (layer.attention.wq, layer.attention.wo, *layer.feed_forward.children()):
-                linear.merge_lora()
-        if self.output_packed is not None:
-            self.pack_weights()  # the fused copies hold the old weights
+            for lin in (layer.attention.wq, layer.attention.wo, *layer.feed_forward.children()):
+                lin.merge_lora()
+
+    def linears(self):
+        """(module, name) of every base weight matrix: the seven per layer, the embeddings and the output."""
+        for layer in self.layers:
+            attn, ffn = layer.attention, layer.feed_forward
+            yield from ((attn.wq, "wq"), (attn.wk, "wk"), (attn.wv, "wv"), (attn.wo, "wo"))
+            yield from ((ffn.w1, "w1"), (ffn.w2, "w2"), (ffn.w3, "w3"))
+        yield self.tok_embeddings, "embed"
+        if self.output is not None:
+            yield self.output, "output"
 
     @torch.no_grad()
-    def pack_weights(self) -> None:
-        """CPU inference: keep a oneDNN-prepacked copy of every base weight (more memory, faster GEMV)."""
-        for layer in self.layers:  # fused copies: one GEMV for q, k, v and one for w1, w3
+    def pack_weights(self, quantization: str = "none", release=None) -> None:
+        """Every base weight ends in the one layout inference reads, and only there.
+
+        A weight already packed (a quantized GGUF tensor, see models/loading.py) stays as it is. A plain one is
+        quantized (`quantization` int8 | int4), or packed for the bf16 kernel (bf16 weights on CPUs with
+        AVX512-BF16), or stays a plain tensor for F.linear (fp32, fp16, CUDA). Then [wq; wk; wv] and [w1; w3]
+        are fused into one packed weight each where their formats agree. `release(tensor)` is called on each
+        plain weight once it has been replaced (the loader drops its file pages)."""
+        for module, _ in self.linears():
+            w = module.weight
+            if w is None or w.device.type != "cpu":
+                continue
+            if quantization in ("int8", "int4") and w.shape[1] % 32 == 0:
+                packed = quant.quantize(w, quantization)
+            elif w.dtype == torch.bfloat16 and quant.kernels.has_bf16() and w.shape[1] % 2 == 0:
+                packed = quant.pack_bf16(w)
+            else:
+                continue
+            self.set_packed(module, packed)
+            if release is not None:
+                release(w)
+        for layer in self.layers:
             attn, ffn = layer.attention, layer.feed_forward
-            attn.wqkv_packed = pack_weight(torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight]))
-            ffn.w13_packed = pack_weight(torch.cat([ffn.w1.weight, ffn.w3.weight]))
-            for lin in (attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3):  # used unfused by prompt_kv only
-                lin.packed = None
-            attn.wo.packed, ffn.w2.packed = pack_weight(attn.wo.weight), pack_weight(ffn.w2.weight)
-        self.output_packed = pack_weight(self.tok_embeddings.weight if self.output is None else self.output.weight)
+            for fused_name, parts in (("wqkv_packed", (attn.wq, attn.wk, attn.wv)), ("w13_packed", (ffn.w1, ffn.w3))):
+                owner = attn if fused_name == "wqkv_packed" else ffn
+                if all(p.packed is not None for p in parts):
+                    fused = quant.cat([p.packed for p in parts])
+                    if fused is not None:
+                        setattr(owner, fused_name, fused)
+                        for p in parts:
+                            p.packed = None
+
+    def set_packed(self, module: nn.Module, packed: Weight) -> None:
+        """Hands a base weight to its packed form and drops the plain one (it is held once)."""
+        module.weight = None
+        if module is self.tok_embeddings:
+            self.embed_packed = packed
+            if self.output is None:
+                self.output_packed = packed  # tied: the same packed tensor serves both
+        elif module is self.output:
+            self.output_packed = packed
+        else:
+            module.packed = packed
+
+    def weight_bytes(self) -> int:
+        """Bytes of the base weights as held (packed or plain; a tied weight counted once)."""
+        seen, total = set(), 0
+        for module, _ in self.linears():
+            for w in (module.weight, getattr(module, "packed", None)):
+                if w is not None and id(w) not in seen:
+                    seen.add(id(w))
+                    total += w.numel() * w.element_size() if isinstance(w, Tensor) else w.nbytes
+        for layer in self.layers:
+            for w in (layer.attention.wqkv_packed, layer.feed_forward.w13_packed):
+                total += 0 if w is None else w.nbytes
+        for w in (self.embed_packed, self.output_packed):
+            if w is not None and id(w) not in seen:
+                seen.add(id(w))
+                total += w.nbytes
+        return total

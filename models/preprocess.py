@@ -12,8 +12,6 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -28,6 +26,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def clip_transform(image: Image.Image, size: int = 224, channel_order: ChannelOrder = "bgr") -> torch.Tensor:
     """PIL image → normalised float tensor (3, size, size)."""
+    # torchvision is imported here, where images are used: a plain chat model never pays its ~200 MB
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
     image = to_rgb(image)
     if channel_order == "bgr":
         image = Image.fromarray(np.ascontiguousarray(np.asarray(image)[..., ::-1]))

@@ -7,12 +7,16 @@ checkpoint's own key names (`clip_proj`, `visual_blocks.N.attn.qkv`, `adapter_qu
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
 from models.config import VisualArgs
+
+if TYPE_CHECKING:  # open_clip (and torchvision under it) is imported only where a CLIP tower is built: ~250 MB
+    from open_clip.transformer import VisionTransformer
 
 
 class ClipTower(nn.Module):

@@ -59,8 +59,16 @@ class Settings(BaseSettings):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
                         description="where the model runs: auto (a CUDA GPU when torch sees one, else cpu), cpu, cuda[:N]")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="weight dtype; auto: on CPU bf16 where it is native (AVX512-BF16, AMX), else fp32; "
-        "on CUDA bf16 where supported, else fp16")
+        "auto", description="dtype of unquantized weights and of activations; auto: with quantized weights fp32, "
+        "else on CPU bf16 where it is native (AVX512-BF16, AMX), else fp32; on CUDA bf16 where supported, else fp16")
+    quantization: Literal["auto", "none", "int8", "int4"] = Field(
+        "auto", description="base weights: auto keeps each file's own (a GGUF's quantized tensors stay as they are, "
+        "16-bit checkpoints stay in --dtype); int8 (a scale per 32) or int4 (scale and offset per 32) quantize "
+        "16-bit weights at load; none dequantizes a GGUF to --dtype. Adapter tensors, norms and the visual path "
+        "stay in full precision. CPU only")
+    kv_cache_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="KV-cache dtype; auto: bf16 on CPUs with native bf16 and on CUDA, else the activations' "
+        "dtype")
     channel_order: Literal["bgr", "rgb"] = Field(
         "bgr", description="bgr reproduces the released LLaMA-Adapter checkpoints' cv2 preprocessing"
     )

@@ -1,15 +1,21 @@
-"""Optional CPU kernels, built on first use with the machine's C++ compiler and cached.
+"""CPU kernels over packed weights, built on first use with the machine's C++ compiler and cached.
 
-`gemv_bf16`: a batch-1 bf16 matrix-vector product for CPUs with AVX512-BF16 (see gemv_bf16.cpp) — about 2x
-faster than oneDNN's on this project's 2-core CPU, where batch-1 decode is bound by streaming the weights.
-`available()` builds it once (torch.utils.cpp_extension, cached under $LAMINA_KERNEL_DIR or
-~/.cache/lamina/kernels) and says whether it can be used; without a compiler, or on a CPU without AVX512-BF16,
-it is False and the model keeps oneDNN. The op is a real torch op (`torch.ops.lamina.gemv_bf16`) with a fake
-implementation, so torch.compile traces it.
+One source (qmatmul.cpp) compiled per instruction set:
+- `avx512`: AVX512-VNNI integer products (+ the AVX512-BF16 bf16 product where the CPU has it);
+- `avxvnni`: 256-bit AVX-VNNI integer products;
+- `avx2`: 256-bit AVX2 integer products (vpmaddubsw/vpmaddwd, exact for the code ranges used);
+and `torch` (models/kernels/quant.py): the same arithmetic in plain torch, for CPUs with none of them or
+where no compiler is found. The best variant the CPU supports is chosen at run time (`isa()`;
+`LAMINA_KERNELS=torch|avx2|avxvnni|avx512` forces one, `0` means `torch`). Builds are cached under
+$LAMINA_KERNEL_DIR or ~/.cache/lamina/kernels, keyed by variant, compiler flags, the CPU's feature flags, the
+torch version and the source's hash. A build that fails is logged once and the next variant down is used.
+The ops are real torch ops (`torch.ops.lamina_<isa>.qmm`, `.mm_bf16`) with fake implementations, so
+torch.compile traces them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from functools import cache
@@ -19,50 +25,123 @@ import torch
 from torch import Tensor
 
 log = logging.getLogger("lamina.kernels")
-SOURCE = Path(__file__).with_name("gemv_bf16.cpp")
+SOURCE = Path(__file__).with_name("qmatmul.cpp")
 
-
-def _cpu_has_bf16() -> bool:
-    try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
+# variant -> (CPU flags it needs, compiler flags, macro)
+VARIANTS = {
+    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c"),
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"], "LAMINA_ISA_AVX512"),
+    "avxvnni": (("avx2", "avx_vnni", "fma", "f16c"), ["-mavx2", "-mavxvnni", "-mfma", "-mf16c"], "LAMINA_ISA_AVX2"),
+    "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"], "LAMINA_ISA_AVX2"),
+}
+ORDER = ("avx512", "avxvnni", "avx2")
 
 
 @cache
-def available() -> bool:
-    """Builds and loads the kernel once; False (with the reason logged) where it cannot run here."""
-    if os.environ.get("LAMINA_KERNELS", "1") == "0":
-        return False
-    if not _cpu_has_bf16():
-        return False
+def cpu_flags() -> frozenset[str]:
     try:
-        from torch.utils.cpp_extension import load
-
-        build = Path(os.environ.get("LAMINA_KERNEL_DIR", Path.home() / ".cache" / "lamina" / "kernels"))
-        build = build / f"torch-{torch.__version__}"
-        build.mkdir(parents=True, exist_ok=True)
-        # -fopenmp: at::parallel_for is inline, and single-threaded, without it (libgomp.so.1 resolves to torch's)
-        load(name="lamina_gemv_bf16", sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-             extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False, verbose=False)
-    except Exception as e:  # noqa: BLE001 - no compiler, no headers, ...: oneDNN stays in use
-        log.warning("bf16 GEMV kernel unavailable, using oneDNN: %s", str(e).strip().splitlines()[-1][:300])
-        return False
-
-    @torch.library.register_fake("lamina::gemv_bf16")
-    def _(x: Tensor, packed: Tensor) -> Tensor:
-        return x.new_empty((*x.shape[:-1], packed.shape[0] * 16))
-
-    return True
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
-def pack(weight: Tensor) -> Tensor | None:
-    """The kernel's layout of a (N, K) bf16 weight — (N/16, K/2, 16, 2), a copy — or None where unusable."""
-    N, K = weight.shape
-    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or N % 16 or K % 2 or not available():
+def supported(variant: str) -> bool:
+    return set(VARIANTS[variant][0]) <= cpu_flags()
+
+
+def _reason(e: BaseException) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:300]
+
+
+def _build(variant: str) -> str:
+    """Compiles and loads one variant; returns its op namespace. Raises on failure."""
+    from torch.utils.cpp_extension import load
+
+    _, flags, macro = VARIANTS[variant]
+    flags = [*flags, "-mavx512bf16"] if variant == "avx512" and "avx512_bf16" in cpu_flags() else list(flags)
+    ns = f"lamina_{variant}"
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, " ".join(flags),
+                                    " ".join(sorted(cpu_flags()))]).encode()).hexdigest()[:16]
+    build = Path(os.environ.get("LAMINA_KERNEL_DIR", Path.home() / ".cache" / "lamina" / "kernels")) / f"{ns}-{key}"
+    build.mkdir(parents=True, exist_ok=True)
+    # -fopenmp: at::parallel_for is inline, and single-threaded, without it (libgomp.so.1 resolves to torch's)
+    load(name=ns, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *flags, f"-D{macro}", f"-DLAMINA_NS={ns}"],
+         extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False, verbose=False)
+    _register_fakes(ns)
+    return ns
+
+
+_FAKES: set[str] = set()
+
+
+def _register_fakes(ns: str) -> None:
+    if ns in _FAKES:  # a variant loaded again (after a cache clear) keeps its registrations
+        return
+    _FAKES.add(ns)
+
+    @torch.library.register_fake(f"{ns}::qmm")
+    def _(x, qs, scales, mins, bits, group, zero, big):
+        return x.new_empty((*x.shape[:-1], qs.shape[0] * 16))
+
+    if hasattr(getattr(torch.ops, ns), "mm_bf16"):
+        @torch.library.register_fake(f"{ns}::mm_bf16")
+        def _(x, packed):
+            return x.new_empty((*x.shape[:-1], packed.shape[0] * 16))
+
+
+@cache
+def load_variant(variant: str) -> str | None:
+    """The op namespace of a built variant, or None (reason logged once) where it cannot run here."""
+    if not supported(variant):
         return None
-    return weight.detach().reshape(N // 16, 16, K // 2, 2).permute(0, 2, 1, 3).contiguous()
+    try:
+        return _build(variant)
+    except Exception as e:  # noqa: BLE001 - no compiler, no headers, an old assembler...: fall back
+        log.warning("%s kernels unavailable (%s); falling back to the next variant", variant, _reason(e))
+        return None
 
 
-def gemv(x: Tensor, packed: Tensor) -> Tensor:
-    return torch.ops.lamina.gemv_bf16(x, packed)
+@cache
+def isa() -> str:
+    """The variant in use: the forced one (LAMINA_KERNELS) if it loads, else the best that loads, else torch."""
+    forced = os.environ.get("LAMINA_KERNELS", "").strip().lower()
+    if forced in ("0", "torch", "none"):
+        return "torch"
+    order = ORDER
+    if forced in VARIANTS:
+        order = ORDER[ORDER.index(forced):]
+    elif forced and forced != "1":
+        log.warning("LAMINA_KERNELS=%s is not one of torch, %s: choosing automatically", forced, ", ".join(ORDER))
+    for variant in order:
+        if load_variant(variant):
+            if variant != order[0] and forced in VARIANTS:
+                log.warning("LAMINA_KERNELS=%s could not be used here; using %s", forced, variant)
+            return variant
+    log.warning("no compiled CPU kernels: quantized weights run through plain torch (slow)")
+    return "torch"
+
+
+def ops(variant: str | None = None):
+    """The torch.ops namespace of a variant (default: the one in use), or None for torch."""
+    variant = variant or isa()
+    ns = None if variant == "torch" else load_variant(variant)
+    return None if ns is None else getattr(torch.ops, ns)
+
+
+def has_bf16(variant: str | None = None) -> bool:
+    """Whether the bf16 packed product exists (AVX512-BF16 CPUs with the avx512 variant)."""
+    o = ops(variant)
+    return o is not None and hasattr(o, "mm_bf16")
+
+
+def qmm(x: Tensor, qs: Tensor, scales: Tensor, mins: Tensor | None, bits: int, group: int, zero: int, big: bool,
+        variant: str | None = None) -> Tensor:
+    return ops(variant).qmm(x, qs, scales, mins, bits, group, zero, big)
+
+
+def mm_bf16(x: Tensor, packed: Tensor, variant: str | None = None) -> Tensor:
+    return ops(variant).mm_bf16(x, packed)

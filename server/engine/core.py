@@ -44,7 +44,6 @@ class EngineConfig:
     max_waiting: int = 64  # requests waiting for a slot (reservations included)
     prefill_chunk: int = 256  # prompt tokens per step: a long prompt never stalls decode for long
     dtype: str | None = None  # KV cache dtype ("fp32" | "bf16" | "fp16"); None: the weights' dtype
-    pack_weights: bool = True  # oneDNN-prepacked weight copies (CPU): faster GEMV for a little more memory
     prefix_caching: bool = True  # reuse a freed slot's K/V for a prompt with the same prefix, adapter and images
     compile_decode: bool = False  # batch-1 decode through torch.compile (~1 min at warmup; see ModelRunner)
     max_images: int = 4  # per request
@@ -71,7 +70,7 @@ class EngineCore:
     def from_config(loaded: LoadedModel, config: EngineConfig,
                     on_admit: Callable[[str], None] | None = None) -> EngineCore:
         """Sizes the KV cache from the byte budget (slots = min(max_batch, budget // bytes per slot))."""
-        weights = loaded.model.llama.tok_embeddings.weight.dtype
+        weights = loaded.model.llama.dtype
         kv_dtype = DTYPES[config.dtype] if config.dtype else weights
         per_slot = kv_bytes_per_slot(loaded, config.max_context, kv_dtype)
         n_slots = config.max_batch
@@ -84,7 +83,7 @@ class EngineCore:
                 )
         runner = ModelRunner(loaded, n_slots=n_slots, max_context=config.max_context, kv_dtype=kv_dtype,
                              max_images=config.max_images, vision_cache_size=config.vision_cache_size,
-                             pack_weights=config.pack_weights, compile_decode=config.compile_decode)
+                             compile_decode=config.compile_decode)
         scheduler = Scheduler(n_slots, config.max_batch, config.prefill_chunk, config.max_context,
                               config.prefix_caching)
         return EngineCore(loaded, runner, scheduler, on_admit)

@@ -47,7 +47,6 @@ class ModelRunner:
         kv_dtype: torch.dtype,
         max_images: int = 4,
         vision_cache_size: int = 64,
-        pack_weights: bool = True,
         compile_decode: bool = False,
     ):
         self.model = loaded.model
@@ -55,9 +54,7 @@ class ModelRunner:
         args = self.llama.args
         self.args = args
         self.n_slots, self.max_context = n_slots, max_context
-        if pack_weights:
-            self.llama.pack_weights()  # oneDNN-prepacked copies: the fast CPU GEMV path
-        self.device = dev = self.llama.tok_embeddings.weight.device  # where the model is (the loader put it)
+        self.device = dev = self.llama.norm.weight.device  # where the model is (the loader put it)
         self.cache = KVCache.allocate(args, n_slots, max_context, kv_dtype, device=dev)
         self.adapters = args.n_adapters > 0
         self.slot_adapter = torch.zeros(n_slots, dtype=torch.long, device=dev)  # (S,)
@@ -66,7 +63,7 @@ class ModelRunner:
         if self.prompts_on:
             P = args.query_len * max_images
             shape = (len(args.adapted_layers), n_slots, args.kv_heads, P, args.head_dim)
-            wdtype = self.llama.tok_embeddings.weight.dtype
+            wdtype = self.llama.dtype
             self.prompt_k = torch.zeros(shape, dtype=wdtype, device=dev)
             self.prompt_v = torch.zeros(shape, dtype=wdtype, device=dev)
         self.slot_prompts = [0] * n_slots

@@ -120,7 +120,7 @@ def test_early_fusion_moves_prompts_to_first_layers(golden):
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_half_precision_loads_and_tracks_fp32(golden, dtype):
     lm = load_reference(dtype=dtype)
-    assert lm.model.llama.layers[0].attention.wq.weight.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    assert lm.model.llama.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     logits = _logits(lm, golden["prompt_tokens"], golden["image_tensor"])[-1]
     assert int(logits.argmax()) == int(golden["last_logits"][0].argmax())
     assert (logits - golden["last_logits"][0]).abs().max() < 0.1

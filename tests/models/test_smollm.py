@@ -18,7 +18,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def smol():
-    return load_gguf(dtype="fp32", max_seq_len=512)
+    return load_gguf(dtype="fp32", max_seq_len=512, quantization="none")  # exact math: dequantized weights
 
 
 def _to_hf_layout(w, n_heads):
