@@ -281,6 +281,7 @@ class Transformer(nn.Module):
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.embed_packed: Weight | None = None  # packed token embeddings (rows dequantized on lookup)
         self.output_packed: Weight | None = None  # packed output projection (the embeddings when tied)
+        self.fused = None  # (weights, meta, op) of the fused CPU forward, see `prepare_fused`
 
     def forward(
         self,
@@ -294,6 +295,8 @@ class Transformer(nn.Module):
         last_only: bool = True,
     ) -> Tensor:
         """Logits as float32: (B, vocab) for the last position, or (B, T, vocab) with last_only=False."""
+        if self.fused is not None and cache is not None and adapter_ids is None and prompt_kv is None:
+            return self._forward_fused(tokens, positions, cache, slots, last_only)
         step = self.step(positions, cache, slots, self.dtype)
         return self.run(tokens, step, cache=cache, adapter_ids=adapter_ids, prompt_kv=prompt_kv, last_only=last_only)
 
@@ -323,6 +326,44 @@ class Transformer(nn.Module):
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         logits = linear(h, weight, self.output_packed).float()  # packed: `weight` is None
         return logits[:, -1] if last_only else logits
+
+    def _forward_fused(self, tokens, positions, cache: KVCache, slots, last_only: bool) -> Tensor:
+        """The layers in one call of the fused CPU kernel (see `prepare_fused`); same result as `run` up to
+        fp32 rounding, and the same bits for a token however it is batched, chunked or cached."""
+        B, T = tokens.shape
+        a = self.args
+        h = self.embed(tokens).reshape(B * T, a.dim)
+        weights, meta, op = self.fused
+        h = op(h, weights, meta, list(cache.k), list(cache.v), slots, positions, a.n_heads, a.kv_heads, a.norm_eps,
+               a.rope_theta).view(B, T, a.dim)
+        if last_only:
+            h = h[:, -1:, :]
+        logits = linear(self.norm(h, None), None, self.output_packed).float()
+        return logits[:, -1] if last_only else logits
+
+    def prepare_fused(self) -> bool:
+        """Uses the fused forward for this model when it can run it: a plain model (no adapters) on the CPU,
+        fp32 activations, every layer's [q;k;v], wo, [w1;w3], w2 quantized and unpadded, and a compiled
+        kernel variant. Returns whether it does. `fused = None` turns it off (the eager path, e.g. in tests)."""
+        from models import kernels
+
+        a = self.args
+        self.fused = None
+        if a.n_adapters or self.dtype != torch.float32 or self.output_packed is None or kernels.isa() == "torch":
+            return False
+        weights, meta = [], []
+        for layer in self.layers:
+            attn, ffn = layer.attention, layer.feed_forward
+            mats = (attn.wqkv_packed, attn.wo.packed, ffn.w13_packed, ffn.w2.packed)
+            if not all(isinstance(w, quant.QuantWeight) and w.n % 16 == 0 for w in mats):
+                return False
+            for norm, w in ((layer.attention_norm, mats[0]), (None, mats[1]), (layer.ffn_norm, mats[2]), (None, mats[3])):
+                if norm is not None:
+                    weights.append(norm.weight[0].contiguous())
+                weights += [w.qs, w.scales, w.mins if w.mins is not None else torch.empty(0)]
+                meta += [w.bits, w.group, w.zero, int(w.big)]
+        self.fused = (weights, meta, kernels.ops().forward_plain)
+        return True
 
     @property
     def dtype(self) -> torch.dtype:
@@ -425,6 +466,7 @@ class Transformer(nn.Module):
                         setattr(owner, fused_name, fused)
                         for p in parts:
                             p.packed = None
+        self.prepare_fused()
 
     def set_packed(self, module: nn.Module, packed: Weight) -> None:
         """Hands a base weight to its packed form and drops the plain one (it is held once)."""
