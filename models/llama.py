@@ -18,6 +18,8 @@ H heads, K kv heads, D head dim, P prompt tokens, A adapters.
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +29,15 @@ from torch import Tensor, nn
 from models.config import ModelArgs
 from models.kernels import quant
 from models.kernels.quant import Weight
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+    """Zeros; on the CPU in an anonymous memory map, whose pages the OS commits when first written: a cache
+    sized for 16 × 2048 tokens costs memory for the tokens actually held, not for its capacity."""
+    if device is not None and torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, max(n, 1)), dtype=dtype, count=math.prod(shape)).view(shape)
 
 
 @dataclass(frozen=True)
@@ -42,8 +53,8 @@ class KVCache:
     @staticmethod
     def allocate(args: ModelArgs, n_slots: int, max_len: int, dtype: torch.dtype, device=None) -> KVCache:
         shape = (n_slots, args.kv_heads, max_len, args.head_dim)
-        k = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers))
-        v = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers))
+        k = tuple(_zeros(shape, dtype, device) for _ in range(args.n_layers))
+        v = tuple(_zeros(shape, dtype, device) for _ in range(args.n_layers))
         return KVCache(k, v)
 
     @property

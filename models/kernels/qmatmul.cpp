@@ -59,6 +59,13 @@ inline F16 load_scales(const at::Half* p) {
 }
 inline F16 fmadd1(F16 a, float c, F16 acc) { return {_mm512_fmadd_ps(a.v, _mm512_set1_ps(c), acc.v)}; }
 inline F16 fmaddv(F16 a, F16 b, F16 acc) { return {_mm512_fmadd_ps(a.v, b.v, acc.v)}; }
+inline F16 loadf(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline F16 loadf(const at::BFloat16* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+}
+inline F16 fset1(float c) { return {_mm512_set1_ps(c)}; }
+inline float hsum(F16 a) { return _mm512_reduce_add_ps(a.v); }
 inline void store(float* y, F16 a) { _mm512_storeu_ps(y, a.v); }
 #elif defined(LAMINA_ISA_AVX2)
 struct I16 { __m256i lo, hi; };
@@ -110,6 +117,19 @@ inline F16 fmadd1(F16 a, float c, F16 acc) {
   return {_mm256_fmadd_ps(a.lo, cv, acc.lo), _mm256_fmadd_ps(a.hi, cv, acc.hi)};
 }
 inline F16 fmaddv(F16 a, F16 b, F16 acc) { return {_mm256_fmadd_ps(a.lo, b.lo, acc.lo), _mm256_fmadd_ps(a.hi, b.hi, acc.hi)}; }
+inline F16 loadf(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline __m256 bf16x8(const at::BFloat16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+inline F16 loadf(const at::BFloat16* p) { return {bf16x8(p), bf16x8(p + 8)}; }
+inline F16 fset1(float c) { return {_mm256_set1_ps(c), _mm256_set1_ps(c)}; }
+inline float hsum(F16 a) {
+  const __m256 s = _mm256_add_ps(a.lo, a.hi);
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  const __m128 h = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
 inline void store(float* y, F16 a) { _mm256_storeu_ps(y, a.lo); _mm256_storeu_ps(y + 8, a.hi); }
 #else
 #error "define LAMINA_ISA_AVX512 or LAMINA_ISA_AVX2"
@@ -333,29 +353,48 @@ void attend(const float* qkv, int64_t N, int64_t T, int64_t H, int64_t KV, int64
       for (int64_t d = 0; d < D; ++d) { kd[d] = static_cast<C>(k[d]); vd[d] = static_cast<C>(v[d]); }
     }
   }
-  at::parallel_for(0, N * H, 1, [&](int64_t a, int64_t e) {
+  // one task per (token, kv head): its G query heads read each key and value row once, as 16-wide vectors
+  constexpr int64_t MAXG = 16, MAXV = 16;  // query heads per kv head; head_dim / 16 (D ≤ 256)
+  TORCH_CHECK(G <= MAXG && D % 16 == 0 && D / 16 <= MAXV, "fused attention: unsupported head layout");
+  at::parallel_for(0, N * KV, 1, [&](int64_t a, int64_t e) {
     std::vector<float> sc;
     for (int64_t i = a; i < e; ++i) {
-      const int64_t n = i / H, h = i % H, b = n / T, kh = h / G, L = pos[n] + 1;
-      const float* q = qkv + n * width + h * D;
+      const int64_t n = i / KV, kh = i % KV, b = n / T, L = pos[n] + 1, nv = D / 16;
       const C* kb = kc + (rows[b] * KV + kh) * Lmax * D;
       const C* vb = vc + (rows[b] * KV + kh) * Lmax * D;
-      sc.resize(L);
-      float mx = -INFINITY;
+      sc.resize(L * G);
+      F16 q[MAXG][MAXV];
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0; c < nv; ++c) q[g][c] = loadf(qkv + n * width + (kh * G + g) * D + c * 16);
       for (int64_t j = 0; j < L; ++j) {
-        float dot = 0.f;
-        for (int64_t d = 0; d < D; ++d) dot += q[d] * static_cast<float>(kb[j * D + d]);
-        sc[j] = dot * scale;
-        mx = std::fmax(mx, sc[j]);
+        F16 kr[MAXV];
+        for (int64_t c = 0; c < nv; ++c) kr[c] = loadf(kb + j * D + c * 16);
+        for (int64_t g = 0; g < G; ++g) {
+          F16 acc = fzero();
+          for (int64_t c = 0; c < nv; ++c) acc = fmaddv(q[g][c], kr[c], acc);
+          sc[g * L + j] = hsum(acc) * scale;
+        }
       }
-      float sum = 0.f;
-      for (int64_t j = 0; j < L; ++j) { sc[j] = std::exp(sc[j] - mx); sum += sc[j]; }
-      float* o = out + n * H * D + h * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+      F16 o[MAXG][MAXV];
+      for (int64_t g = 0; g < G; ++g) {
+        float mx = -INFINITY, sum = 0.f;
+        float* s_ = sc.data() + g * L;
+        for (int64_t j = 0; j < L; ++j) mx = std::fmax(mx, s_[j]);
+        for (int64_t j = 0; j < L; ++j) { s_[j] = std::exp(s_[j] - mx); sum += s_[j]; }
+        const float inv = 1.f / sum;
+        for (int64_t j = 0; j < L; ++j) s_[j] *= inv;
+        for (int64_t c = 0; c < nv; ++c) o[g][c] = fzero();
+      }
       for (int64_t j = 0; j < L; ++j) {
-        const float p = sc[j] / sum;
-        for (int64_t d = 0; d < D; ++d) o[d] += p * static_cast<float>(vb[j * D + d]);
+        F16 vr[MAXV];
+        for (int64_t c = 0; c < nv; ++c) vr[c] = loadf(vb + j * D + c * 16);
+        for (int64_t g = 0; g < G; ++g) {
+          const F16 p = fset1(sc[g * L + j]);
+          for (int64_t c = 0; c < nv; ++c) o[g][c] = fmaddv(p, vr[c], o[g][c]);
+        }
       }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0; c < nv; ++c) store(out + n * H * D + (kh * G + g) * D + c * 16, o[g][c]);
     }
   });
 }

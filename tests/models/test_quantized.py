@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from models.kernels.quant import Bf16Weight, QuantWeight
+from models.llama import KVCache
 from models.loading import load_gguf
 from tests.models.conftest import load_reference
 
@@ -27,9 +28,64 @@ def dequantized():
     return load_gguf(dtype="fp32", max_seq_len=4096, quantization="none")
 
 
-def _logits(loaded, ids):
+def _logits(loaded, ids, chunk=512):
+    """Logits of every position as the engine computes them: prefilled in chunks into a bf16 KV cache (the
+    fused forward for the kept model; the eager one for the dequantized model)."""
+    llama = loaded.model.llama
+    cache = KVCache.allocate(llama.args, 1, len(ids), torch.bfloat16)
     with torch.inference_mode():
-        return loaded.model.llama(torch.tensor([ids]), torch.arange(len(ids))[None], last_only=False)[0].double()
+        return torch.cat([llama(torch.tensor([ids[s : s + chunk]]), torch.arange(s, min(s + chunk, len(ids)))[None],
+                                cache=cache, slots=torch.tensor([0]), last_only=False)[0].double()
+                          for s in range(0, len(ids), chunk)])
+
+
+def test_the_kept_model_runs_the_fused_forward_and_it_tracks_the_eager_one(kept, dequantized):
+    """The default model serves through the fused kernel; the eager layers are the readable reference. Both
+    round activations to int8, so they differ by quantization noise: the fused path must be as close to the
+    dequantized fp32 model as the eager one is."""
+    llama = kept.model.llama
+    assert llama.fused is not None
+    ids = kept.tokenizer.encode(TEXT.read_text())[:256]
+    fused, ref = _logits(kept, ids), _logits(dequantized, ids)
+    saved, llama.fused = llama.fused, None
+    try:
+        eager = _logits(kept, ids)
+    finally:
+        llama.fused = saved
+
+    def err(a):
+        return ((a - ref).abs().amax(-1) / ref.abs().amax(-1)).median()
+
+    assert err(fused) <= 1.25 * err(eager), (err(fused), err(eager))
+    assert (fused.argmax(-1) == eager.argmax(-1)).double().mean() >= 0.95
+
+
+def test_a_tokens_logits_do_not_depend_on_batching_chunking_or_caching(kept):
+    """The same bits for a token prefilled in one chunk, in chunks of 7, decoded one at a time, or in a batch
+    with other rows (another length, another slot): what makes seeds reproduce in any configuration."""
+    llama = kept.model.llama
+    ids = kept.tokenizer.encode(TEXT.read_text())[:40]
+    other = kept.tokenizer.encode("A different request sharing the batch, longer than the first one is.")
+
+    def fresh(slots=3):
+        return KVCache.allocate(llama.args, slots, 128, torch.bfloat16)
+
+    with torch.inference_mode():
+        one = llama(torch.tensor([ids]), torch.arange(len(ids))[None], cache=fresh(), slots=torch.tensor([0]),
+                    last_only=False)[0]
+        cache = fresh()
+        chunks = torch.cat([llama(torch.tensor([ids[s : s + 7]]), torch.arange(s, min(s + 7, len(ids)))[None],
+                                  cache=cache, slots=torch.tensor([2]), last_only=False)[0] for s in range(0, 40, 7)])
+        cache = fresh()
+        llama(torch.tensor([ids[:30]]), torch.arange(30)[None], cache=cache, slots=torch.tensor([1]))
+        llama(torch.tensor([other]), torch.arange(len(other))[None], cache=cache, slots=torch.tensor([0]))
+        decoded = []
+        for i in range(30, 40):  # row 0: the other request, decoding at its own positions
+            out = llama(torch.tensor([[ids[i]], [other[-1]]]), torch.tensor([[i], [len(other) + i - 30]]),
+                        cache=cache, slots=torch.tensor([1, 0]))
+            decoded.append(out[0])
+    assert torch.equal(one, chunks)
+    assert torch.equal(one[30:], torch.stack(decoded))
 
 
 def test_every_base_weight_is_held_once_in_its_gguf_type(kept):
@@ -52,13 +108,13 @@ def test_teacher_forced_agreement_and_perplexity_on_2000_tokens(kept, dequantize
     assert len(ids) == 2048
     q, ref = _logits(kept, ids), _logits(dequantized, ids)
     agreement = (q.argmax(-1) == ref.argmax(-1)).double().mean().item()
-    assert agreement >= 0.97, agreement  # measured 0.974
+    assert agreement >= 0.97, agreement  # measured 0.979 (fused), 0.974 (eager)
 
     def ppl(logits):
         lp = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])
         return math.exp(-lp.mean().item())
 
-    assert abs(ppl(q) / ppl(ref) - 1) < 0.01, (ppl(q), ppl(ref))  # measured +0.25%
+    assert abs(ppl(q) / ppl(ref) - 1) < 0.01, (ppl(q), ppl(ref))  # measured -0.2% (fused), +0.25% (eager)
     # where the reference is not near a tie, the quantized model picks the same token
     top2 = ref.topk(2, -1).values
     clear = (top2[:, 0] - top2[:, 1]) >= 0.5
