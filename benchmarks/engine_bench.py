@@ -286,34 +286,30 @@ def read_bandwidth_gbs() -> float:
 
 
 def gemv_floor_ms(dtype: str, threads: int) -> float:
-    """A batch-1 decode step's matrix-vector products alone, as our model runs them (the bf16 GEMV kernel of
-    models/kernels where it is available, else oneDNN, on the prepacked weights, in layer order, so each weight
-    streams from DRAM as in a real step): the floor under our batch-1 step before any norm, RoPE, attention or
-    Python overhead. LAMINA_KERNELS=0 measures oneDNN's."""
+    """A batch-1 decode step's matrix-vector products alone, as our model holds them (packed: the GGUF's own
+    quantized types, or bf16, in models/kernels' layouts), in layer order, so each weight streams from DRAM as
+    in a real step: the floor under our batch-1 step before any norm, RoPE, attention or Python overhead.
+    LAMINA_KERNELS=torch|avx2|avxvnni|avx512 picks the kernel variant."""
     import statistics
 
     import torch
 
-    from models.llama import linear
     from models.loading import load_gguf
 
     torch.set_num_threads(threads)
     llama = load_gguf(dtype=dtype).model.llama
-    llama.pack_weights()
     mats = []
     for layer in llama.layers:
         attn, ffn = layer.attention, layer.feed_forward
-        mats += [(attn.wqkv_packed, attn.wq.weight.shape[1]), (attn.wo.packed, attn.wo.weight.shape[1]),
-                 (ffn.w13_packed, ffn.w1.weight.shape[1]), (ffn.w2.packed, ffn.w2.weight.shape[1])]
-    mats.append((llama.output_packed, llama.args.dim))
-    wdtype = llama.tok_embeddings.weight.dtype
-    xs = [torch.randn(1, 1, d_in).to(wdtype) for _, d_in in mats]
+        mats += [attn.wqkv_packed, attn.wo.packed, ffn.w13_packed, ffn.w2.packed]
+    mats.append(llama.output_packed)
+    xs = [torch.randn(1, 1, w.k).to(llama.dtype) for w in mats]
     times = []
     with torch.inference_mode():
         for _ in range(30):
             t = time.perf_counter()
-            for (packed, _), x in zip(mats, xs, strict=True):
-                linear(x, None, packed)
+            for w, x in zip(mats, xs, strict=True):
+                w.matmul(x)
             times.append(time.perf_counter() - t)
     return statistics.median(times[3:]) * 1e3
 
@@ -321,7 +317,7 @@ def gemv_floor_ms(dtype: str, threads: int) -> float:
 def gemv_name() -> str:
     from models import kernels
 
-    return "bf16 GEMV kernel" if kernels.available() else "oneDNN"
+    return f"{kernels.isa()} kernels"
 
 
 def weight_bytes_per_token(elem: int) -> float:

@@ -14,6 +14,7 @@ raises `CheckpointError` naming the file, the keys and what to do. Pickles are r
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import importlib.util
@@ -108,6 +109,22 @@ def _keys_list(keys, limit: int = 8) -> str:
     keys = sorted(keys)
     more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
+
+
+@contextlib.contextmanager
+def _on_meta():
+    """Builds modules on the meta device without running their initialisers: on meta tensors they do nothing
+    but import torch's compiler stack (dynamo, triton: ~100 MB of resident memory) through the refs."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_", "zeros_", "ones_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *a, **k: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
 
 
 class PageRelease:
@@ -357,7 +374,7 @@ def _base_llama_state(base: dict[str, Tensor], args: ModelArgs, source: str) -> 
         )
     if unexpected:
         raise CheckpointError(f"{source}: unexpected keys in the base weights: {_keys_list(unexpected)}.")
-    with torch.device("meta"):
+    with _on_meta():
         shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
     bad = [f"{k} {tuple(v.shape)} vs {tuple(shapes[k][-v.dim():])}" for k, v in base.items()
            if tuple(v.shape) != tuple(shapes[k][-v.dim():])]  # norms are banks: compare trailing dims
@@ -535,7 +552,7 @@ def load_llama_adapter(
         progress(f"reading CLIP weights from {clip_weights}")
         clip_sd, openai = read_clip_weights(Path(clip_weights))
         cfg = clip_config(clip_model)
-        with torch.device("meta"):
+        with _on_meta():
             clip = build_clip(cfg, quick_gelu=openai)
         _load_strict(clip, {f"visual.{k}": v for k, v in clip_sd.items()}, torch_dtype, str(clip_weights))
         for (spec, sd), hp in zip(specs, hps, strict=True):
@@ -545,13 +562,13 @@ def load_llama_adapter(
                     f"{spec.path}: expects {vargs.clip_dim}-dim CLIP features, {clip_model} gives "
                     f"{clip.output_dim}; use the CLIP model the adapter was trained with (ViT-L-14)."
                 )
-            with torch.device("meta"):
+            with _on_meta():
                 va = VisualAdapter(vargs)
             vis_sd = {k: v for k, v in sd.items() if not k.startswith("llama.")}
             _load_strict(va, vis_sd, torch.float32, str(spec.path))  # visual path kept in fp32
             visual.append(va)
 
-    with torch.device("meta"):
+    with _on_meta():
         model = LlamaAdapterV2(args, clip, visual)  # clip and visual are already loaded
     _load_strict(model.llama, {k.removeprefix("llama."): state.pop(k) for k in list(state)}, torch_dtype,
                  f"{llama_dir} + {', '.join(str(s.path) for s, _ in specs) or 'no adapter'}", release)
@@ -593,7 +610,16 @@ _GGUF_BLOCK = {
 }
 
 
+def _trim_heap() -> None:
+    """Hands the heap memory freed while converting tensors back to the OS (glibc keeps it otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _log_weights(llama: Transformer, progress: Callable[[str], None]) -> None:
+    _trim_heap()
     formats: dict[str, int] = {}
     for module, _ in llama.linears():
         for w in (module.weight, getattr(module, "packed", None)):
@@ -727,7 +753,7 @@ def load_gguf(
         args = replace(args, max_seq_len=max_seq_len)
     for k in [k for k in state if k.endswith("norm.weight")]:
         state[k] = state[k][None]  # norms are 1-row banks
-    with torch.device("meta"):
+    with _on_meta():
         model = LlamaAdapterV2(args, None, [])
     _load_strict(model.llama, state, DTYPES[dtype], str(path))
     model.llama.pack_weights("none")
