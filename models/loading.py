@@ -391,6 +391,28 @@ _ADAPTER_LINEARS = {
 }
 
 
+def _check_complete(args: ModelArgs, adapters: list[tuple[AdapterSpec, dict[str, Tensor]]]) -> None:
+    """A kind of tensor an adapter file has for some layer (a bias, a LoRA factor, a norm, a gate) must be there
+    for every layer it applies to: a gap would otherwise load silently as the default (0 bias, no LoRA, the
+    base norm), a model the adapter was never trained as."""
+    for spec, sd in adapters:
+        kinds: dict[str, set[int]] = {}
+        for k in sd:
+            m = re.fullmatch(r"llama\.layers\.(\d+)\.(.+)", k)
+            if m:
+                kinds.setdefault(m.group(2), set()).add(int(m.group(1)))
+        for kind, layers in sorted(kinds.items()):
+            gate = kind in ("attention.gate", "attention.new_gate")
+            want = set(args.adapted_layers) if gate else set(range(args.n_layers))
+            missing = sorted(want - layers)
+            if missing:
+                raise CheckpointError(
+                    f"{spec.path}: llama.layers.{missing[0]}.{kind} is missing"
+                    f"{f' (and for layers {missing[1:8]})' if len(missing) > 1 else ''}, while the file has it for "
+                    f"{len(layers)} other layer(s). A partial adapter would load as defaults there; the file is "
+                    "truncated or edited: download it again.")
+
+
 def _adapter_banks(
     state: dict[str, Tensor], args: ModelArgs, adapters: list[tuple[AdapterSpec, dict[str, Tensor]]]
 ) -> None:
@@ -446,7 +468,10 @@ def _adapter_banks(
         if args.query_len:
             for spec, sd in adapters:
                 if f"{p}.attention.gate" not in sd and i in args.adapted_layers:
-                    warnings.warn(f"{spec.path}: no gate for layer {i}; it starts at 0 (prompts off)", stacklevel=2)
+                    raise CheckpointError(
+                        f"{spec.path}: {p}.attention.gate is missing: layer {i} takes adaption prompts and needs "
+                        "its gate (a default of 0 would silently switch the image off). The file is incomplete "
+                        "or not a LLaMA-Adapter V2 checkpoint for this base; download it again.")
             bank(f"{p}.attention.gate", f"{p}.attention.gate", torch.zeros(args.n_heads))
             if args.w_new_gate:
                 bank(f"{p}.attention.new_gate", f"{p}.attention.new_gate", torch.ones(()))
@@ -459,6 +484,7 @@ def _adapter_banks(
                 f"{spec.path}: unexpected keys {_keys_list(leftover)}: names this model does not have. "
                 "Check that the file is a LLaMA-Adapter V2 checkpoint for this base model."
             )
+    _check_complete(args, adapters)
 
 
 # ------------------------------------------------------------------------------------------ builders

@@ -77,7 +77,8 @@ class Settings(BaseSettings):
     max_context: int = Field(2048, ge=16, description="context length (prompt + completion) in tokens")
     max_batch: int = Field(8, ge=1, description="sequences decoded together")
     kv_cache_bytes: ByteSize | None = Field(None, description="KV-cache memory budget, e.g. 2GiB")
-    max_waiting: int = Field(64, ge=0, description="admitted requests waiting for a slot; more → 429")
+    max_waiting: int = Field(64, ge=1, description="admitted requests waiting for a slot (at least 1: the warm-up "
+                             "request waits too); more → 429")
     prefill_chunk: int = Field(512, ge=1, description="prompt tokens per engine step (long prompts in chunks)")
     prefix_caching: bool = Field(
         True, description="reuse a finished request's KV cache for a prompt that starts the same way (same adapter "

@@ -97,8 +97,17 @@ def _unmapped(ip: IPAddress) -> IPAddress:
     return ip
 
 
+# Not reachable on the public internet, yet `is_global` in some Python versions: site-local IPv6 (deprecated,
+# still routed inside networks), IETF protocol assignments (192.0.0.8 and co.), shared address space (CGNAT),
+# NAT64 local-use, benchmarking.
+_NON_GLOBAL = tuple(ipaddress.ip_network(n) for n in (
+    "fec0::/10", "192.0.0.0/24", "100.64.0.0/10", "64:ff9b:1::/48", "198.18.0.0/15"))
+
+
 def is_public(ip: IPAddress) -> bool:
     ip = _unmapped(ip)
+    if any(ip.version == n.version and ip in n for n in _NON_GLOBAL):
+        return False
     return not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
                 or ip.is_unspecified or not ip.is_global)
 
@@ -116,8 +125,9 @@ def _allowed(host: str, ip: IPAddress, allowed: Sequence[str]) -> bool:
     return False
 
 
-async def resolve_checked(host: str, port: int, index: int, limits: ImageLimits) -> IPAddress:
-    """Resolve `host`; refuse unless every address is public or allow-listed. Returns the one to use."""
+async def resolve_checked(host: str, port: int, index: int, limits: ImageLimits) -> list[IPAddress]:
+    """Resolve `host`; refuse unless every address is public or allow-listed (a name that resolves to a public
+    and a private address is refused). Returns the addresses to try, in the resolver's order."""
     try:
         literal: IPAddress | None = ipaddress.ip_address(host)
     except ValueError:
@@ -141,7 +151,7 @@ async def resolve_checked(host: str, port: int, index: int, limits: ImageLimits)
                 "and link-local addresses are blocked unless allow-listed with --image-allowed-hosts)",
                 code="image_url_forbidden",
             )
-    return addresses[0]
+    return addresses
 
 
 async def fetch_url(url: str, index: int, limits: ImageLimits, client: httpx.AsyncClient) -> bytes:
@@ -157,15 +167,23 @@ async def fetch_url(url: str, index: int, limits: ImageLimits, client: httpx.Asy
         raise _image_error(index, "invalid port in image URL") from None
     try:
         async with asyncio.timeout(limits.fetch_timeout):
-            ip = await resolve_checked(host, port, index, limits)
-            # Connect to the address we checked; Host header and TLS SNI/certificate still use the name.
-            ip_host = f"[{ip}]" if ip.version == 6 else str(ip)
-            pinned = urlunsplit((parts.scheme, f"{ip_host}:{port}", parts.path or "/", parts.query, ""))
-            host_header = parts.netloc.rsplit("@", 1)[-1]
-            extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
-            request = client.build_request("GET", pinned, headers={"Host": host_header, "Accept": "image/*"},
-                                           extensions=extensions)
-            response = await client.send(request, stream=True, follow_redirects=False)
+            addresses = await resolve_checked(host, port, index, limits)
+            response = None
+            for n, ip in enumerate(addresses):  # each checked address in order, until one connects
+                # Connect to the address we checked; Host header and TLS SNI/certificate still use the name.
+                ip_host = f"[{ip}]" if ip.version == 6 else str(ip)
+                pinned = urlunsplit((parts.scheme, f"{ip_host}:{port}", parts.path or "/", parts.query, ""))
+                host_header = parts.netloc.rsplit("@", 1)[-1]
+                extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+                request = client.build_request("GET", pinned, headers={"Host": host_header, "Accept": "image/*"},
+                                               extensions=extensions)
+                try:
+                    response = await client.send(request, stream=True, follow_redirects=False)
+                    break
+                except httpx.ConnectError:
+                    if n == len(addresses) - 1:
+                        raise
+            assert response is not None
             try:
                 if response.is_redirect:
                     raise _image_error(index, f"image URL redirects (HTTP {response.status_code}); redirects "
@@ -248,7 +266,10 @@ class ImageLoader:
         self.limits = limits
         self.executor = executor
         self.observe = observe or (lambda stage, seconds: None)
+        # No keep-alive: fetches are pinned to an IP, and httpcore pools connections by IP and port, so a second
+        # hostname on the same address (a CDN) would reuse the first one's TLS session, its certificate unchecked.
         self.client = httpx.AsyncClient(transport=transport, trust_env=False, follow_redirects=False,
+                                        limits=httpx.Limits(max_keepalive_connections=0),
                                         timeout=httpx.Timeout(limits.fetch_timeout),
                                         headers={"User-Agent": "lamina-image-fetch"})
 

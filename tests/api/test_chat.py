@@ -126,9 +126,8 @@ def test_seed_is_reproducible(client):
 
 def test_stop_sequence_not_in_output(client):
     text = chat(client, max_tokens=12, temperature=0, ignore_eos=True).json()["choices"][0]["message"]["content"]
-    stop = text[3:5] if len(text) >= 5 else text[-1:]
-    if not stop.strip():
-        pytest.skip("greedy output of the tiny model has no usable stop substring")
+    assert len(text.strip()) >= 3, text  # 12 greedy tokens of the tiny model: always some text
+    stop = next(text[i : i + 2] for i in range(1, len(text) - 1) if text[i : i + 2].strip())  # never at the start
     body = chat(client, max_tokens=12, temperature=0, ignore_eos=True, stop=[stop]).json()
     out = body["choices"][0]
     assert stop not in out["message"]["content"] and out["finish_reason"] == "stop"

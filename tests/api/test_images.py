@@ -77,7 +77,8 @@ def test_public_address_check():
     import ipaddress as ip
 
     for addr in ["127.0.0.1", "10.1.2.3", "192.168.0.1", "172.16.5.5", "169.254.169.254", "::1", "fe80::1",
-                 "::ffff:127.0.0.1", "0.0.0.0", "100.64.0.1", "224.0.0.1", "fd00::1", "64:ff9b::7f00:1"]:
+                 "::ffff:127.0.0.1", "0.0.0.0", "100.64.0.1", "224.0.0.1", "fd00::1", "64:ff9b::7f00:1",
+                 "fec0::1", "192.0.0.8", "100.127.255.254", "198.18.0.1"]:
         assert not is_public(ip.ip_address(addr)), addr
     for addr in ["93.184.216.34", "1.1.1.1", "2606:4700:4700::1111"]:
         assert is_public(ip.ip_address(addr)), addr
@@ -200,3 +201,42 @@ def test_single_image_chat_is_the_reference_prompt_and_greedy_output(tiny, golde
     torch.testing.assert_close(request.images[0].pixels, pixels)
     expected = greedy(tiny.model, [golden["prompt_tokens"]], pixels[None], 12)[0]
     assert r.json()["choices"][0]["message"]["content"] == tiny.tokenizer.decode(expected)
+
+
+def _resolving_to(monkeypatch, addresses):
+    import socket
+
+    async def fake_getaddrinfo(self, host, port, **kw):
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
+                for a in addresses]
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", fake_getaddrinfo)
+
+
+def test_a_name_resolving_to_a_public_and_a_private_address_is_refused(monkeypatch):
+    from server.api.images import resolve_checked
+
+    _resolving_to(monkeypatch, ["93.184.216.34", "10.0.0.7"])
+    with pytest.raises(APIError, match="non-public address 10.0.0.7"):
+        asyncio.run(resolve_checked("mixed.example", 80, 0, LIMITS))
+
+
+def test_every_public_address_is_kept_in_order_to_try(monkeypatch):
+    """No connection is made here: only the resolution and its order (fetch_url tries them one by one)."""
+    import ipaddress as ip
+
+    from server.api.images import resolve_checked
+
+    _resolving_to(monkeypatch, ["93.184.216.34", "2606:4700:4700::1111", "93.184.216.34"])
+    got = asyncio.run(resolve_checked("cdn.example", 443, 0, LIMITS))
+    assert got == [ip.ip_address("93.184.216.34"), ip.ip_address("2606:4700:4700::1111")]
+
+
+def test_pinned_fetches_never_reuse_a_connection():
+    """A second hostname on the same IP must get its own connection (and TLS handshake): no keep-alive pool."""
+    loader = ImageLoader(LIMITS)
+    try:
+        pool = loader.client._transport._pool
+        assert pool._max_keepalive_connections == 0
+    finally:
+        asyncio.run(loader.aclose())

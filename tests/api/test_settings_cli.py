@@ -59,6 +59,7 @@ def test_environment_and_precedence(monkeypatch):
     (["--image-allowed-hosts", "10.0.0.0/99"], "image-allowed-hosts"),
     (["--port", "99999"], "--port"),
     (["--device", "tpu"], "--device"),
+    (["--max-waiting", "0"], "--max-waiting"),  # the warm-up request itself waits: 0 could never start
 ])
 def test_bad_flags_exit_2_with_a_message(argv, message, capsys):
     assert main(["serve", *argv]) == 2
@@ -104,3 +105,25 @@ def test_device_auto_is_the_cpu_without_a_gpu_and_cuda_must_exist():
         assert model_device("auto") == "cpu"
         with pytest.raises(ValueError, match="--device cuda: torch sees 0 CUDA device"):
             model_device("cuda")
+
+
+def test_quantization_and_kv_cache_flags(capsys):
+    s = settings_from_args(build_parser().parse_args(["serve", "--quantization", "int4", "--kv-cache-dtype", "fp32"]))
+    assert s.quantization == "int4" and s.kv_cache_dtype == "fp32"
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--quantization", "int3"])
+    assert e.value.code == 2 and "--quantization" in capsys.readouterr().err
+
+
+def test_auto_dtypes_follow_the_quantization(tmp_path):
+    from server.app import activation_dtype, kv_dtype
+
+    cpu = tmp_path / "cpuinfo"
+    cpu.write_text("flags: avx512f avx512_bf16")
+    gguf = Settings()  # the embedded GGUF: kept quantized
+    assert activation_dtype(gguf, "cpu", cpu) == "fp32" and kv_dtype(gguf, "cpu", "fp32", cpu) == "bf16"
+    dense = Settings(llama_dir="/l", tokenizer="/t")  # a 16-bit Meta checkpoint, not quantized
+    assert activation_dtype(dense, "cpu", cpu) == "bf16"
+    assert activation_dtype(Settings(llama_dir="/l", tokenizer="/t", quantization="int8"), "cpu", cpu) == "fp32"
+    cpu.write_text("flags: avx2")
+    assert kv_dtype(gguf, "cpu", "fp32", cpu) == "fp32"

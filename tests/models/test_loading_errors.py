@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import shutil
 
 import pytest
@@ -59,8 +60,13 @@ def test_unexpected_base_key(files):
 
 
 def test_rope_freqs_is_ignored(files):
+    """Meta's checkpoints carry a rope.freqs buffer: it is skipped, and the model is the same as without it."""
+    before = load(files)
     edit_base(files, lambda sd: sd.__setitem__("layers.0.attention.inner_attention.rope.freqs", torch.zeros(8)))
-    load(files)
+    after = load(files)
+    ids, pos = torch.tensor([[1, 5, 9]]), torch.arange(3)[None]
+    with torch.inference_mode():
+        torch.testing.assert_close(after.model.llama(ids, pos), before.model.llama(ids, pos), rtol=0, atol=0)
 
 
 def test_adapter_shape_mismatch(files):
@@ -172,3 +178,18 @@ def test_truncated_gguf(tmp_path):
         bad.write_bytes(f.read(2_000_000))
     with pytest.raises(CheckpointError, match=r"cut\.gguf: not a readable GGUF file"):
         load_gguf(bad)
+
+
+@pytest.mark.parametrize("key", [
+    "llama.layers.2.attention.wq.bias",
+    "llama.layers.0.feed_forward.lora_w2_l1.weight",
+    "llama.layers.3.ffn_norm.weight",
+    "llama.layers.1.attention.new_gate",
+    "llama.layers.2.attention.gate",
+])
+def test_a_tensor_missing_for_one_layer_is_an_error_naming_it(files, key):
+    """A bias, LoRA factor, norm or gate the file has for the other layers, missing for one: it would load as
+    its default there (0, no LoRA, the base norm, gate 0) — refused, naming the file and the key."""
+    edit_adapter(files, lambda c: c["model"].pop(key))
+    with pytest.raises(CheckpointError, match=rf"adapter\.pth: {re.escape(key)} is missing.*download it again"):
+        load(files)
