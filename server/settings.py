@@ -75,7 +75,8 @@ class Settings(BaseSettings):
 
     # --- engine
     max_context: int = Field(2048, ge=16, description="context length (prompt + completion) in tokens")
-    max_batch: int = Field(8, ge=1, description="sequences decoded together")
+    max_batch: int = Field(16, ge=1, description="sequences decoded together (KV-cache memory is committed as it is "
+                           "used, so capacity costs nothing until filled)")
     kv_cache_bytes: ByteSize | None = Field(None, description="KV-cache memory budget, e.g. 2GiB")
     max_waiting: int = Field(64, ge=1, description="admitted requests waiting for a slot (at least 1: the warm-up "
                              "request waits too); more → 429")

@@ -39,6 +39,9 @@ class Metrics:
         self.kv_usage = Gauge("lamina:kv_cache_usage_perc", "KV-cache usage, 0..1", registry=r)
         self.prefix_hits = Gauge("lamina:prefix_cache_hit_tokens", "Prompt tokens reused from retained K/V "
                                  "instead of prefilled (since start)", registry=r)
+        self.weight_bytes = Gauge("lamina:model_weight_bytes", "Base weights as held in memory (quantized or packed, "
+                                  "each once)", registry=r)
+        self.kv_bytes = Gauge("lamina:kv_cache_capacity_bytes", "KV-cache capacity in bytes", registry=r)
         self.prompt_tokens = Counter("lamina:prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
         self.generation_tokens = Counter("lamina:generation_tokens", "Tokens generated", ["model"], registry=r)
         self.requests = Counter("lamina:request_success", "Finished requests by finish reason",
@@ -65,6 +68,8 @@ class Metrics:
             self.waiting.set(s.waiting)
             self.kv_usage.set(s.kv_cache_usage)
             self.prefix_hits.set(s.prompt_tokens_cached_total)
+            self.weight_bytes.set(s.weight_bytes)
+            self.kv_bytes.set(s.kv_cache_bytes)
         return generate_latest(self.registry)
 
 

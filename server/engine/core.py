@@ -8,6 +8,7 @@ thread only; the async front end (engine.py) feeds it and forwards its outputs.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,6 +20,8 @@ from server.engine.runner import ModelRunner
 from server.engine.sampling import Sampled, SamplingState, sample
 from server.engine.scheduler import Scheduler, SchedulerOutput, Sequence
 from server.engine.types import FinishReason, GenerateRequest, RequestOutput, TokenLogprob
+
+log = logging.getLogger("lamina.engine")
 
 
 @dataclass(eq=False)
@@ -48,6 +51,17 @@ class EngineConfig:
     compile_decode: bool = False  # batch-1 decode through torch.compile (~1 min at warmup; see ModelRunner)
     max_images: int = 4  # per request
     vision_cache_size: int = 64  # visual queries kept, keyed by (adapter, image sha256)
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where unknown)."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def kv_bytes_per_slot(loaded: LoadedModel, max_context: int, dtype: torch.dtype) -> int:
@@ -81,6 +95,15 @@ class EngineCore:
                     f"a KV cache budget of {config.kv_cache_bytes} bytes cannot hold one sequence of "
                     f"{config.max_context} tokens ({per_slot} bytes); raise the budget or lower max_context"
                 )
+        else:  # no budget given: what the machine can hold (a CPU cache is committed as it fills, so
+            # capacity beyond available memory would fail late, under load, instead of here)
+            available = _available_memory() if loaded.model.llama.norm.weight.device.type == "cpu" else None
+            if available is not None and n_slots * per_slot > 0.8 * available:
+                fit = max(1, int(0.8 * available // per_slot))
+                log.warning("KV cache: %d sequences of %d tokens need %.1f GiB, %.1f GiB are available: %d slots "
+                            "(set --kv-cache-bytes to choose)", n_slots, config.max_context,
+                            n_slots * per_slot / 2**30, available / 2**30, fit)
+                n_slots = min(n_slots, fit)
         runner = ModelRunner(loaded, n_slots=n_slots, max_context=config.max_context, kv_dtype=kv_dtype,
                              max_images=config.max_images, vision_cache_size=config.vision_cache_size,
                              compile_decode=config.compile_decode)

@@ -85,6 +85,8 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     prompt_tokens_cached_total: int = 0  # prompt tokens reused from retained K/V (prefix caching), not prefilled
+    weight_bytes: int = 0  # the base weights as held (packed/quantized), each once
+    kv_cache_bytes: int = 0  # the KV cache's capacity (on the CPU committed as it fills)
 
 
 class EngineError(Exception):

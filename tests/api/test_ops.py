@@ -157,3 +157,11 @@ def test_chat_page_is_served_without_a_key(tiny):
         page = c.get("/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert c.get("/v1/models").status_code == 401
+
+
+def test_weight_and_kv_bytes_are_exported(metrics_text, tiny):
+    import re
+
+    value = float(re.search(r"\nlamina:model_weight_bytes (\S+)", metrics_text).group(1))
+    assert value == tiny.model.llama.weight_bytes() > 0
+    assert float(re.search(r"\nlamina:kv_cache_capacity_bytes (\S+)", metrics_text).group(1)) > 0
