@@ -176,7 +176,8 @@ class Runtime:
         return self.status == "ready" and self.service is not None
 
     def status_message(self) -> str:
-        return {"loading": f"the server is starting: {self.detail}", "failed": f"startup failed: {self.detail}",
+        failed = self.detail if self.detail.startswith("the engine") else f"startup failed: {self.detail}"
+        return {"loading": f"the server is starting: {self.detail}", "failed": failed,
                 "draining": "the server is shutting down", "stopped": "the server has stopped"}.get(
                     self.status, self.detail)
 
@@ -195,6 +196,7 @@ class Runtime:
                 # the engine thread loads the weights itself: torch runs faster on the thread that loaded them
                 loaded = self._loaded or (lambda: load_model(self.settings, self._progress))
                 self.engine = build_engine(loaded, self.settings)
+            self.engine.on_failure = self._engine_died
             await self.engine.start()
             log.info("model loaded and engine started in %.1f s", time.perf_counter() - t0)
             builder = PromptBuilder(self.engine.loaded.prompt_format, self.engine.loaded.chat_template,
@@ -217,6 +219,14 @@ class Runtime:
             log.error("startup failed: %s", self.detail, exc_info=not isinstance(e, ValueError | OSError))
             if self.on_fatal is not None:
                 self.on_fatal(self.detail)
+
+    def _engine_died(self, reason: str) -> None:
+        """The engine thread died (its requests have ended with an error): unhealthy from now on, and the
+        process exits non-zero so Docker / Kubernetes restart it."""
+        self.status, self.detail = "failed", f"the engine thread died: {reason}"
+        log.error("%s; exiting", self.detail)
+        if self.on_fatal is not None:
+            self.on_fatal(self.detail)
 
     def _progress(self, message: str) -> None:
         self.detail = message

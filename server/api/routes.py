@@ -99,9 +99,14 @@ async def get_model(model: str, service: ServiceDep) -> dict:
     return next(m for m in service.list_models()["data"] if m["id"] == model)
 
 
-@ops.get("/health", dependencies=[Depends(require_key_for_health)], summary="Liveness")
-async def health() -> dict:
-    return {"status": "ok"}
+@ops.get("/health", dependencies=[Depends(require_key_for_health)], summary="Liveness",
+         responses={503: {"model": ErrorResponse}})
+async def health(request: Request) -> JSONResponse:
+    rt = runtime(request)
+    engine = rt.engine
+    if rt.status == "failed" or (engine is not None and getattr(engine, "failed", None)):
+        return JSONResponse({"status": "failed", "detail": rt.status_message()}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @ops.get("/ready", dependencies=[Depends(require_key_for_health)], summary="Readiness",

@@ -22,6 +22,7 @@ from server.engine.core import EngineConfig, EngineCore
 from server.engine.sampling import validate_params
 from server.engine.types import (
     ContextLengthError,
+    EngineError,
     EngineStats,
     EngineStoppedError,
     GenerateRequest,
@@ -78,6 +79,8 @@ class AsyncEngine:
         self._running_rows = 0
         self._draining = False
         self._stop = False
+        self.failed: str | None = None  # why the engine thread died (then nothing is served any more)
+        self.on_failure: Callable[[str], None] | None = None  # called on the event loop when it dies
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -138,6 +141,8 @@ class AsyncEngine:
 
     def check_capacity(self) -> None:
         """Cheap and synchronous: raises QueueFullError / EngineStoppedError before any expensive work."""
+        if self.failed is not None:
+            raise EngineStoppedError(f"the engine has failed ({self.failed}) and admits no requests")
         if self._draining or self._stop:
             raise EngineStoppedError("the engine is shutting down and admits no new requests")
         if self._waiting >= self.config.max_waiting:
@@ -216,6 +221,8 @@ class AsyncEngine:
         try:
             while remaining:
                 out = await outputs.get()
+                if isinstance(out, EngineError):  # the engine thread died (see _die)
+                    raise out
                 remaining -= out.finished
                 yield out
         finally:
@@ -255,6 +262,32 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(ready.set_exception, e)
             return
         self._loop.call_soon_threadsafe(ready.set_result, None)
+        try:
+            self._serve()
+        except BaseException as e:  # noqa: BLE001 - anything that escapes the loop: fail loudly, hang no one
+            self._die(e)
+
+    def _die(self, error: BaseException) -> None:
+        """The engine thread cannot go on: every waiting and running request ends with an error now, and
+        `failed` tells the server (which then reports unhealthy and exits non-zero so it is restarted)."""
+        log.error("engine thread died: %s", error, exc_info=error)
+        self.failed = f"{type(error).__name__}: {error}"[:300]
+        dead = EngineStoppedError(f"the engine failed ({self.failed})")
+        try:
+            self._loop.call_soon_threadsafe(self._fail_all, dead)
+        except RuntimeError:  # the event loop is already closed: nobody is waiting
+            pass
+        if self.on_failure is not None:
+            try:
+                self._loop.call_soon_threadsafe(self.on_failure, self.failed)
+            except RuntimeError:
+                pass
+
+    def _fail_all(self, error: EngineError) -> None:
+        for q in list(self._queues.values()):
+            q.put_nowait(error)
+
+    def _serve(self) -> None:
         while True:
             outputs = self._drain_inbox()
             if self._stop:

@@ -165,3 +165,42 @@ def test_weight_and_kv_bytes_are_exported(metrics_text, tiny):
     value = float(re.search(r"\nlamina:model_weight_bytes (\S+)", metrics_text).group(1))
     assert value == tiny.model.llama.weight_bytes() > 0
     assert float(re.search(r"\nlamina:kv_cache_capacity_bytes (\S+)", metrics_text).group(1)) > 0
+
+
+def test_a_dead_engine_thread_ends_streams_with_an_error_and_fails_health(tiny):
+    """Streams in flight get an error event and [DONE]; /health and /ready answer 503; the process is told to
+    exit non-zero (on_fatal, which `lamina serve` wires to the server's exit code)."""
+    import threading
+
+    with app_client(tiny) as c:
+        rt = c.app.state.runtime
+        fatal = []
+        rt.on_fatal = fatal.append
+        engine = rt.engine
+        original = engine._publish
+        calls = []
+
+        def publish_then_break(outputs):  # the first tokens go out, then the thread dies
+            calls.append(1)
+            if len(calls) > 3:
+                raise RuntimeError("injected failure")
+            original(outputs)
+
+        engine._publish = publish_then_break
+        result = {}
+
+        def stream():
+            with c.stream("POST", "/v1/chat/completions", json={"model": "tiny", "messages": MSG, "stream": True,
+                                                                "max_tokens": 60, "ignore_eos": True}) as r:
+                result["lines"] = [line for line in r.iter_lines() if line]
+
+        t = threading.Thread(target=stream)
+        t.start()
+        t.join(30)
+        assert not t.is_alive()
+        lines = result["lines"]
+        assert lines[-1] == "data: [DONE]" and any('"error"' in line for line in lines), lines[-3:]
+        assert c.get("/health").status_code == 503 and c.get("/ready").status_code == 503
+        assert fatal and "engine thread died" in fatal[0]
+        r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": MSG, "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["message"]

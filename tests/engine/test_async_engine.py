@@ -153,3 +153,32 @@ def test_n_choices_stream(plain):
         assert sorted(o.index for o in outs if o.finished) == [0, 1, 2]
 
     engine_run(plain, body)
+
+
+@pytest.mark.parametrize("where", ["_drain_inbox", "_publish", "abort_expired"])
+def test_a_dead_engine_thread_fails_every_request_and_says_so(plain, where):
+    """An exception outside the step's own try (the inbox, deadlines, publishing) used to kill the thread
+    silently and hang every request. Now: in-flight requests end with an error, new ones are refused, and
+    `on_failure` tells the server (which reports unhealthy and exits non-zero)."""
+    async def body(engine):
+        told = []
+        engine.on_failure = told.append
+        running = asyncio.create_task(collect(engine, request("a", [1, 2, 3], LONG)))
+        await wait_for(lambda: engine.stats().running == 1)
+
+        def broken(*a, **k):
+            raise RuntimeError("injected")
+
+        if where == "abort_expired":
+            engine.core.abort_expired = broken
+        else:
+            setattr(engine, where, broken)
+        engine._wake.set()
+        with pytest.raises(EngineStoppedError, match="injected"):
+            await asyncio.wait_for(running, 10)
+        await wait_for(lambda: told)
+        assert engine.failed and "injected" in told[0]
+        with pytest.raises(EngineStoppedError, match="failed"):
+            engine.reserve()
+
+    engine_run(plain, body)
