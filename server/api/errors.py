@@ -144,6 +144,9 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if kind == "json_invalid":
         return bad_request(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', msg)}",
                            None, "invalid_json")
+    if kind == "missing" and param is None:  # no body at all
+        return bad_request("the request body is empty: send a JSON object (model and messages, or model and "
+                           "prompt)", None, "missing_body")
     if kind == "missing":
         return bad_request(f"missing required parameter: {param}", param, "missing_parameter")
     if param is None and kind in ("model_attributes_type", "dict_type", "model_type"):

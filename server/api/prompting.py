@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from experts.context import truncate_to_budget
 from models.prompts import ChatTemplate, format_alpaca
 from server.api.errors import bad_request
-from server.api.schemas import ChatMessage, ImagePart
+from server.api.schemas import ChatMessage, ImagePart, RefusalPart
 
 CHAT_SYSTEM = "You are a helpful assistant."
 CHAT_SYSTEM_IMAGES = "You cannot see images; automatic image analysis describes them for you."
@@ -52,6 +52,8 @@ def parse_messages(messages: Sequence[ChatMessage]) -> ChatInput:
             for part in m.content:
                 if isinstance(part, ImagePart):
                     urls.append(part.image_url.url)
+                elif isinstance(part, RefusalPart):  # an assistant's earlier refusal, as the text it said
+                    texts.append(part.refusal)
                 else:
                     texts.append(part.text)
             text = "\n".join(t for t in texts if t)
@@ -59,9 +61,12 @@ def parse_messages(messages: Sequence[ChatMessage]) -> ChatInput:
             text = m.content or ""
         role = "system" if m.role in ("system", "developer") else m.role
         turns.append(Turn(role, text, len(urls) - before, m.name))
-    if turns[-1].role != "user":
-        raise bad_request("the last message must be a user message", "messages", "invalid_messages")
-    return ChatInput(tuple(turns), tuple(urls), turns[-1].text)
+    if turns[-1].role not in ("user", "system"):  # OpenAI also takes a system message last
+        raise bad_request("the last message must be a user (or system) message", "messages", "invalid_messages")
+    users = [t for t in turns if t.role == "user"]
+    if not users:
+        raise bad_request("the conversation needs a user message", "messages", "invalid_messages")
+    return ChatInput(tuple(turns), tuple(urls), users[-1].text)
 
 
 class PromptBuilder:
@@ -87,7 +92,8 @@ class PromptBuilder:
         return self._chat(chat, findings)
 
     def _alpaca(self, chat: ChatInput, findings: str | None) -> str:
-        *history, last = chat.turns
+        at = max(i for i, t in enumerate(chat.turns) if t.role == "user")  # the instruction: the last user turn
+        last, history = chat.turns[at], chat.turns[:at] + chat.turns[at + 1 :]
         system = "\n".join(t.text for t in history if t.role == "system" and t.text)
         dialogue = "\n".join(f"{'User' if t.role == 'user' else 'Assistant'}: {t.text}"
                              for t in history if t.role != "system")

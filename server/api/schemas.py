@@ -70,12 +70,17 @@ class TextPart(_Strict):
     text: str
 
 
+class RefusalPart(_Strict):
+    type: Literal["refusal"]
+    refusal: str
+
+
 class ImagePart(_Strict):
     type: Literal["image_url"]
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+ContentPart = Annotated[TextPart | ImagePart | RefusalPart, Field(discriminator="type")]
 
 
 class ChatMessage(_Strict):
@@ -105,8 +110,9 @@ class ChatMessage(_Strict):
             if not isinstance(part, dict):
                 raise ValueError(f"part {i} must be an object with a 'type'")
             kind = part.get("type")
-            if kind not in ("text", "image_url"):
-                raise ValueError(f"part {i} has type {kind!r}; supported part types: 'text', 'image_url'")
+            if kind not in ("text", "image_url", "refusal"):
+                raise ValueError(f"part {i} has type {kind!r}; supported part types: 'text', 'image_url', "
+                                 "'refusal' (assistant messages)")
             if kind == "image_url" and isinstance(part.get("image_url"), str):
                 raise ValueError(f"part {i}: image_url must be an object {{\"url\": ...}}, not a string")
         return value
@@ -117,6 +123,13 @@ class ChatMessage(_Strict):
         if value not in (None, []):
             raise ValueError("tool calls are not supported by this server")
         return None
+
+    @model_validator(mode="after")
+    def _refusals_from_assistants(self) -> ChatMessage:
+        if self.role != "assistant" and isinstance(self.content, list):
+            if any(isinstance(p, RefusalPart) for p in self.content):
+                raise ParamError("content", f"refusal parts belong to assistant messages, not {self.role} messages")
+        return self
 
     @model_validator(mode="after")
     def _images_from_users(self) -> ChatMessage:
@@ -131,6 +144,8 @@ class ChatMessage(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    include_obfuscation: bool = Field(
+        True, description="accepted (openai-python 2.x sends it); no obfuscation padding is added here")
 
 
 class ResponseFormat(BaseModel):
@@ -227,6 +242,8 @@ class ChatCompletionRequest(_Sampling):
     web_search_options: Off = None
     verbosity: Off = None
     prompt_cache_key: Off = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = Field(
+        None, description="accepted; prefix caching here is automatic and in memory")
     safety_identifier: Off = None
 
     @field_validator(*UNSUPPORTED)

@@ -239,3 +239,31 @@ def test_error_after_the_stream_began_is_an_error_event(tiny):
         plain = c.post("/v1/chat/completions", json={"model": "tiny", "messages": MSG})
         assert plain.status_code == 500 and plain.json()["error"]["code"] == "engine_error"
         assert engine.stats().waiting == 0  # the reservation was not leaked
+
+
+def test_what_openai_python_2_sends_is_accepted(client):
+    """stream_options.include_obfuscation, prompt_cache_retention and assistant refusal parts (each was a 400)."""
+    r = chat(client, max_tokens=2, stream=True, stream_options={"include_usage": True, "include_obfuscation": False},
+             prompt_cache_retention="24h")
+    assert r.status_code == 200 and sse_events(r.text)[-1] == "[DONE]"
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't help with that."}]},
+               {"role": "user", "content": "then describe the image"}]
+    assert chat(client, messages=history, max_tokens=2).status_code == 200
+    bad = [{"role": "user", "content": [{"type": "refusal", "refusal": "x"}]}]
+    r = chat(client, messages=bad, max_tokens=2)
+    assert r.status_code == 400 and "assistant" in r.json()["error"]["message"]
+
+
+def test_a_conversation_may_end_with_a_system_message(client):
+    msgs = [{"role": "user", "content": "describe the image"}, {"role": "system", "content": "Answer briefly."}]
+    assert chat(client, messages=msgs, max_tokens=2).status_code == 200
+    r = chat(client, messages=[{"role": "system", "content": "only a system message"}], max_tokens=2)
+    assert r.status_code == 400 and "user message" in r.json()["error"]["message"]
+
+
+def test_an_empty_body_says_what_is_missing(client):
+    r = client.post("/v1/chat/completions", content=b"", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert "None" not in err["message"] and "empty" in err["message"]
