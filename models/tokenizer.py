@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 from typing import Protocol
 
 import sentencepiece as spm
@@ -28,6 +29,8 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
     def token_text(self, token_id: int) -> str: ...
+
+    def token_bytes(self, token_id: int) -> bytes: ...
 
 
 class SentencePieceTokenizer:
@@ -48,9 +51,29 @@ class SentencePieceTokenizer:
     def token_text(self, token_id: int) -> str:
         return self.sp.id_to_piece(int(token_id)).replace("\u2581", " ")
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's raw bytes: a byte-fallback piece <0xE2> is the one byte 0xE2, not its name."""
+        token_id = int(token_id)
+        if self.sp.is_byte(token_id):
+            return bytes([int(self.sp.id_to_piece(token_id)[3:5], 16)])
+        return self.token_text(token_id).encode("utf-8")
+
 
 # GPT-2's pre-tokenisation pattern; SmolLM ("smollm" in GGUF) splits every digit first.
 _GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
+@cache
+def _unicode_to_byte() -> dict[str, int]:
+    """GPT-2's byte-to-unicode table, inverted: the character each byte is written as in the vocabulary."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, n = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
 class BPETokenizer:
@@ -95,6 +118,15 @@ class BPETokenizer:
 
     def token_text(self, token_id: int) -> str:
         return self.tok.decode([int(token_id)], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's raw bytes (byte-level BPE: each character of the vocabulary entry stands for one byte,
+        so a token holding half of a UTF-8 character gives that half, not U+FFFD)."""
+        token_id = int(token_id)
+        if token_id in self.control_ids:
+            return self.tokens[token_id].encode("utf-8")
+        table = _unicode_to_byte()
+        return bytes(table[c] for c in self.tokens[token_id])
 
 
 class IncrementalDetokenizer:

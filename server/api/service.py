@@ -71,14 +71,11 @@ class Admission:
             self._reservation.release()
 
 
-def _token_bytes(text: str) -> list[int]:
-    return list(text.encode("utf-8"))
-
-
 def chat_logprobs(items: Sequence[TokenLogprob]) -> dict:
     return {"content": [{
-        "token": lp.token, "logprob": lp.logprob, "bytes": _token_bytes(lp.token),
-        "top_logprobs": [{"token": t, "logprob": v, "bytes": _token_bytes(t)} for _, t, v in lp.top],
+        "token": lp.token, "logprob": lp.logprob, "bytes": list(lp.bytes),
+        "top_logprobs": [{"token": t, "logprob": v, "bytes": list(b)}
+                         for (_, t, v), b in zip(lp.top, lp.top_bytes, strict=True)],
     } for lp in items], "refusal": None}
 
 

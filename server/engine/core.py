@@ -204,9 +204,10 @@ class EngineCore:
         p = choice.sampling.params
         choice.pending_ids.append(s.token_id)
         if s.logprob is not None:
-            tt = self.tokenizer.token_text
+            tt, tb = self.tokenizer.token_text, self.tokenizer.token_bytes
             choice.pending_logprobs.append(TokenLogprob(
-                s.token_id, tt(s.token_id), s.logprob, tuple((i, tt(i), lp) for i, lp in s.top)
+                s.token_id, tt(s.token_id), s.logprob, tuple((i, tt(i), lp) for i, lp in s.top),
+                tb(s.token_id), tuple(tb(i) for i, _ in s.top),
             ))
         reason = self.scheduler.append_token(seq, s.token_id)
         if reason != "stop":  # a stop token's text is never shown

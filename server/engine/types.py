@@ -59,6 +59,8 @@ class TokenLogprob:
     token: str
     logprob: float
     top: tuple[tuple[int, str, float], ...] = ()  # (id, text, logprob) best first
+    bytes: bytes = b""  # the token's raw bytes (a byte token is one byte, not the text U+FFFD)
+    top_bytes: tuple[bytes, ...] = ()  # of each `top` entry
 
 
 @dataclass(frozen=True)

@@ -94,3 +94,12 @@ def test_incremental_detokenizer_is_utf8_safe(smol, text):
     pieces.append(detok.flush())
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == smol.tokenizer.decode(smol.tokenizer.encode(text))
+
+
+def test_token_bytes_are_the_raw_bytes(smol):
+    """logprobs' `bytes`: a token holding part of a UTF-8 character gives those bytes, not U+FFFD's."""
+    text = "naïve → café ✓"
+    ids = smol.tokenizer.encode(text)
+    assert b"".join(smol.tokenizer.token_bytes(i) for i in ids) == text.encode("utf-8")
+    partial = [i for i in ids if smol.tokenizer.token_text(i).endswith("\ufffd")]
+    assert partial and all(b"\xef\xbf\xbd" not in smol.tokenizer.token_bytes(i) for i in partial)
