@@ -96,12 +96,29 @@ RUN --mount=type=secret,id=cacert \
     pip wheel --no-deps -w /dist .
 
 # ---------------------------------------------------------------------------------------------------------------
+# kernels: the CPU kernels (models/kernels) compiled for this machine's instruction sets, so the runtime needs no
+# compiler. On a host whose CPU flags differ, the server finds no build for them and runs the plain-torch path
+# (with a warning): build the image on (a machine like) the one that runs it.
+FROM deps AS kernels
+ARG DEBIAN_FRONTEND=noninteractive
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
+    && if ! python -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))'; then \
+        apt-get install -y --no-install-recommends python3-dev; fi \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY models ./models
+RUN LAMINA_KERNEL_DIR=/opt/lamina/kernels python -c 'from models import kernels; print("kernels:", kernels.isa(), [v for v in kernels.ORDER if kernels.load_variant(v)])' \
+    && find /opt/lamina/kernels -type f ! -name '*.so' -delete
+
+# ---------------------------------------------------------------------------------------------------------------
 # runtime: the deps stage plus the project wheel and the prepared assets, as a non-root user
 FROM deps AS runtime
 RUN groupadd --system --gid 10001 lamina \
     && useradd --system --uid 10001 --gid lamina --create-home --home-dir /home/lamina --shell /usr/sbin/nologin lamina \
     && mkdir -p /models
 COPY --from=assets /opt/lamina/data /opt/lamina/data
+COPY --from=kernels /opt/lamina/kernels /opt/lamina/kernels
 # hadolint ignore=DL3042
 RUN --mount=type=bind,from=project,source=/dist,target=/dist \
     pip install --no-deps --no-index /dist/*.whl \
@@ -109,6 +126,7 @@ RUN --mount=type=bind,from=project,source=/dist,target=/dist \
     && rm -rf /root/.cache
 COPY deploy/docker/healthcheck.py /opt/lamina/healthcheck.py
 ENV HOME=/home/lamina \
+    LAMINA_KERNEL_DIR=/opt/lamina/kernels \
     LAMINA_HOST=0.0.0.0 \
     LAMINA_PORT=8000 \
     LAMINA_JSON_LOGS=true
