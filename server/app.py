@@ -26,7 +26,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from server import ui
 from server.api import errors, routes
 from server.api.images import ImageLimits, ImageLoader
-from server.api.metrics import Metrics, instrument_engine
+from server.api.metrics import Metrics
 from server.api.middleware import RequestContextMiddleware
 from server.api.prompting import PromptBuilder
 from server.api.service import CompletionService
@@ -204,7 +204,8 @@ class Runtime:
             service = CompletionService(self.settings, self.engine, builder, self.images, self.metrics,
                                         executor=self.executor)
             self.metrics.bind_engine(self.engine.stats)
-            instrument_engine(self.engine, self.metrics)
+            if hasattr(self.engine, "set_observer"):  # test doubles may lack it
+                self.engine.set_observer(self.metrics)
             if self.experts is None and self.settings.experts:
                 self._progress(f"loading experts: {', '.join(self.settings.experts)}")
                 self.experts = await asyncio.to_thread(self._build_experts, service, asyncio.get_running_loop())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -54,6 +53,14 @@ class Metrics:
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage.labels(stage).observe(seconds)
 
+    # the engine's observer (server.engine.types.EngineObserver), called on the engine thread
+    on_stage = observe_stage
+
+    def on_admit(self, request_id: str) -> None:
+        self.admitted.setdefault(request_id, time.monotonic())
+        while len(self.admitted) > 4096:
+            self.admitted.popitem(last=False)
+
     def expert_observer(self, name: str, seconds: float, status: str) -> None:
         if status != "cached":
             self.stage.labels(f"expert:{name}").observe(seconds)
@@ -71,44 +78,3 @@ class Metrics:
             self.weight_bytes.set(s.weight_bytes)
             self.kv_bytes.set(s.kv_cache_bytes)
         return generate_latest(self.registry)
-
-
-def instrument_engine(engine: Any, metrics: Metrics) -> None:
-    """Time the engine's visual encoding and prefill chunks, and when each request is admitted to a slot.
-
-    The engine exposes no stage observer yet, so this wraps three of its seams (runner.visual_query,
-    runner.prefill, core.on_admit) on this instance; each wrapper runs on the engine thread and only records
-    numbers. Seams that are absent are skipped.
-    """
-    runner, core = getattr(engine, "runner", None), getattr(engine, "core", None)
-    if runner is not None and hasattr(runner, "visual_query"):
-        visual_query = runner.visual_query
-
-        def timed_visual_query(*args, **kwargs):
-            misses, t0 = getattr(runner, "vision_misses", None), time.perf_counter()
-            out = visual_query(*args, **kwargs)
-            if misses is None or runner.vision_misses != misses:  # a cache hit is not an encoding
-                metrics.observe_stage("visual_encode", time.perf_counter() - t0)
-            return out
-
-        runner.visual_query = timed_visual_query
-    if runner is not None and hasattr(runner, "prefill"):
-        prefill = runner.prefill
-
-        def timed_prefill(*args, **kwargs):
-            t0 = time.perf_counter()
-            out = prefill(*args, **kwargs)
-            metrics.observe_stage("prefill", time.perf_counter() - t0)
-            return out
-
-        runner.prefill = timed_prefill
-    if core is not None and getattr(core, "on_admit", None) is not None:
-        on_admit = core.on_admit
-
-        def admitted(request_id: str) -> None:
-            metrics.admitted.setdefault(request_id, time.monotonic())
-            while len(metrics.admitted) > 4096:
-                metrics.admitted.popitem(last=False)
-            on_admit(request_id)
-
-        core.on_admit = admitted

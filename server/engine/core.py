@@ -168,6 +168,7 @@ class EngineCore:
             self.prompt_tokens_cached_total += seq.num_cached
             if self.on_admit is not None:
                 self.on_admit(seq.request_id)
+            self.runner.observer.on_admit(seq.request_id)
         rows, logits = [], []
         if plan.decode:
             decode = list(plan.decode)

@@ -23,6 +23,7 @@ from server.engine.sampling import validate_params
 from server.engine.types import (
     ContextLengthError,
     EngineError,
+    EngineObserver,
     EngineStats,
     EngineStoppedError,
     GenerateRequest,
@@ -138,6 +139,10 @@ class AsyncEngine:
             self._thread = None
 
     # ------------------------------------------------------------------------------------------ admission
+
+    def set_observer(self, observer: EngineObserver) -> None:
+        """Who hears of timed stages (visual encoding, prefill chunks) and admissions: the server's metrics."""
+        self.runner.observer = observer
 
     def check_capacity(self) -> None:
         """Cheap and synchronous: raises QueueFullError / EngineStoppedError before any expensive work."""

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from models.llama import KVCache, PromptKV, Step, rotations
 from models.loading import LoadedModel
-from server.engine.types import ImageInput
+from server.engine.types import EngineObserver, ImageInput, NullObserver
 
 log = logging.getLogger("lamina.engine")
 
@@ -75,11 +76,14 @@ class ModelRunner:
         self.vision_cache: OrderedDict[tuple[int, str], Tensor] = OrderedDict()
         self.vision_cache_size = vision_cache_size
         self.vision_hits = self.vision_misses = 0
+        self.observer: EngineObserver = NullObserver()  # told of timed stages (see AsyncEngine.set_observer)
         self.compiled = None
         if compile_decode and self.adapters:
             # Inductor 2.14's oneDNN weight-prepack pass fails on the per-adapter bias/LoRA graph ("expected
             # packed_weight_node.target to be mkldnn._reorder_linear_weight"): adapter models decode eagerly
             log.warning("compile_decode: not available for adapter models (an Inductor prepack bug); decoding eagerly")
+        elif compile_decode and self.llama.fused is not None:
+            log.info("compile_decode: not needed, the model runs the fused CPU forward (faster than compiled)")
         elif compile_decode:
             self.compiled = _compile(self._decode_one)
 
@@ -98,8 +102,10 @@ class ModelRunner:
             self.vision_cache.move_to_end(key)
             return vq
         self.vision_misses += 1
+        t0 = time.perf_counter()
         pixels = (image.pixels if image is not None else self.model.zero_image()[0])[None].to(self.device)
         vq = self.model.encode_image(pixels, adapter_id)[0]  # (Q, dim)
+        self.observer.on_stage("visual_encode", time.perf_counter() - t0)
         self.vision_cache[key] = vq
         if len(self.vision_cache) > self.vision_cache_size:
             self.vision_cache.popitem(last=False)
@@ -163,13 +169,16 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, slot: int, tokens: list[int], start: int) -> Tensor:
         """Writes tokens at positions start.. into the slot; returns the last position's logits (V,)."""
+        t0 = time.perf_counter()
         adapter_ids, pkv = self._batch_inputs([slot])
         self.length[slot] = max(self.length[slot], start + len(tokens))
         logits = self.llama(
             self._ids([tokens]), torch.arange(start, start + len(tokens), device=self.device)[None],
             cache=self.cache, slots=self._ids([self.row_of[slot]]), adapter_ids=adapter_ids, prompt_kv=pkv,
         )  # (1, V)
-        return logits[0].cpu()
+        out = logits[0].cpu()
+        self.observer.on_stage("prefill", time.perf_counter() - t0)
+        return out
 
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> Tensor:

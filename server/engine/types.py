@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
@@ -89,6 +89,24 @@ class EngineStats:
     prompt_tokens_cached_total: int = 0  # prompt tokens reused from retained K/V (prefix caching), not prefilled
     weight_bytes: int = 0  # the base weights as held (packed/quantized), each once
     kv_cache_bytes: int = 0  # the KV cache's capacity (on the CPU committed as it fills)
+
+
+class EngineObserver(Protocol):
+    """What the engine tells an observer (the server's metrics), on the engine thread; must be quick."""
+
+    def on_stage(self, stage: str, seconds: float) -> None:
+        """A timed stage: "visual_encode" (an image encoded, not a cache hit), "prefill" (one prompt chunk)."""
+
+    def on_admit(self, request_id: str) -> None:
+        """A request left the waiting queue and got a KV slot."""
+
+
+class NullObserver:
+    def on_stage(self, stage: str, seconds: float) -> None:
+        pass
+
+    def on_admit(self, request_id: str) -> None:
+        pass
 
 
 class EngineError(Exception):
