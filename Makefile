@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip
 
-.PHONY: install install-test serve test lint
+.PHONY: install install-test serve test test-fast lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ lint: install-test
 
 test: install-test lint
 	$(BIN)/python -m pytest -q
+
+# the inner loop: model, kernel, engine, expert and API unit tests (no Docker, browser, Ray or slow server tests)
+test-fast: install-test
+	$(BIN)/python -m pytest -q -m "not slow" --ignore=tests/deploy --ignore=tests/ui
 
 # Deployment (deploy/README.md). docker-build: the image as anyone builds it; docker-build-local: on a machine
 # without an image registry (private dockerd, debootstrapped base, the machine's torch wheels); deploy-test: the
