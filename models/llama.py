@@ -446,14 +446,13 @@ class Transformer(nn.Module):
             yield self.output, "output"
 
     @torch.no_grad()
-    def pack_weights(self, quantization: str = "none", release=None) -> None:
+    def pack_weights(self, quantization: str = "none") -> None:
         """Every base weight ends in the one layout inference reads, and only there.
 
         A weight already packed (a quantized GGUF tensor, see models/loading.py) stays as it is. A plain one is
         quantized (`quantization` int8 | int4), or packed for the bf16 kernel (bf16 weights on CPUs with
         AVX512-BF16), or stays a plain tensor for F.linear (fp32, fp16, CUDA). Then [wq; wk; wv] and [w1; w3]
-        are fused into one packed weight each where their formats agree. `release(tensor)` is called on each
-        plain weight once it has been replaced (the loader drops its file pages)."""
+        are fused into one packed weight each where their formats agree."""
         for module, _ in self.linears():
             w = module.weight
             if w is None or w.device.type != "cpu":
@@ -465,18 +464,15 @@ class Transformer(nn.Module):
             else:
                 continue
             self.set_packed(module, packed)
-            if release is not None:
-                release(w)
         for layer in self.layers:
             attn, ffn = layer.attention, layer.feed_forward
-            for fused_name, parts in (("wqkv_packed", (attn.wq, attn.wk, attn.wv)), ("w13_packed", (ffn.w1, ffn.w3))):
-                owner = attn if fused_name == "wqkv_packed" else ffn
-                if all(p.packed is not None for p in parts):
-                    fused = quant.cat([p.packed for p in parts])
-                    if fused is not None:
-                        setattr(owner, fused_name, fused)
-                        for p in parts:
-                            p.packed = None
+            for owner, name, parts in ((attn, "wqkv_packed", (attn.wq, attn.wk, attn.wv)),
+                                       (ffn, "w13_packed", (ffn.w1, ffn.w3))):
+                fused = quant.cat([p.packed for p in parts]) if all(p.packed is not None for p in parts) else None
+                if fused is not None:
+                    setattr(owner, name, fused)
+                    for p in parts:
+                        p.packed = None
         self.prepare_fused()
 
     def set_packed(self, module: nn.Module, packed: Weight) -> None:
@@ -491,19 +487,13 @@ class Transformer(nn.Module):
         else:
             module.packed = packed
 
+    def held_weights(self):
+        """Every base weight as held — plain tensors and packed weights — each once (a tied one once)."""
+        held = [w for module, _ in self.linears() for w in (module.weight, getattr(module, "packed", None))]
+        held += [w for layer in self.layers for w in (layer.attention.wqkv_packed, layer.feed_forward.w13_packed)]
+        held += [self.embed_packed, self.output_packed]
+        yield from {id(w): w for w in held if w is not None}.values()
+
     def weight_bytes(self) -> int:
         """Bytes of the base weights as held (packed or plain; a tied weight counted once)."""
-        seen, total = set(), 0
-        for module, _ in self.linears():
-            for w in (module.weight, getattr(module, "packed", None)):
-                if w is not None and id(w) not in seen:
-                    seen.add(id(w))
-                    total += w.numel() * w.element_size() if isinstance(w, Tensor) else w.nbytes
-        for layer in self.layers:
-            for w in (layer.attention.wqkv_packed, layer.feed_forward.w13_packed):
-                total += 0 if w is None else w.nbytes
-        for w in (self.embed_packed, self.output_packed):
-            if w is not None and id(w) not in seen:
-                seen.add(id(w))
-                total += w.nbytes
-        return total
+        return sum(w.numel() * w.element_size() if isinstance(w, Tensor) else w.nbytes for w in self.held_weights())

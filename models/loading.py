@@ -647,17 +647,9 @@ def _trim_heap() -> None:
 def _log_weights(llama: Transformer, progress: Callable[[str], None]) -> None:
     _trim_heap()
     formats: dict[str, int] = {}
-    for module, _ in llama.linears():
-        for w in (module.weight, getattr(module, "packed", None)):
-            if w is not None:
-                fmt = str(w.dtype).removeprefix("torch.") if isinstance(w, Tensor) else w.fmt
-                formats[fmt] = formats.get(fmt, 0) + 1
-    for layer in llama.layers:
-        for w in (layer.attention.wqkv_packed, layer.feed_forward.w13_packed):
-            if w is not None:
-                formats[w.fmt] = formats.get(w.fmt, 0) + 1
-    for w in {id(w): w for w in (llama.embed_packed, llama.output_packed) if w is not None}.values():
-        formats[w.fmt] = formats.get(w.fmt, 0) + 1
+    for w in llama.held_weights():
+        fmt = str(w.dtype).removeprefix("torch.") if isinstance(w, Tensor) else w.fmt
+        formats[fmt] = formats.get(fmt, 0) + 1
     kinds = ", ".join(f"{n} {fmt}" for fmt, n in sorted(formats.items()))
     progress(f"base weights: {llama.weight_bytes() / 2**20:.1f} MiB held ({kinds}; kernels: {quant.kernels.isa()})")
 
@@ -680,7 +672,6 @@ def _gguf_value(reader, key: str, default=None):
 
 def read_gguf(
     path: Path, quantization: str = "none", dtype: torch.dtype = torch.float32, release: Callable | None = None,
-    progress: Callable[[str], None] = log.debug,
 ) -> tuple[ModelArgs, dict[str, Tensor | quant.Weight], BPETokenizer, str | None]:
     """A Llama GGUF file → config, weights, tokenizer, chat template. The file is memory-mapped and read
     tensor by tensor. `quantization` auto: tensors of a type the kernels read (quant.GGUF_KEPT) stay in it,
@@ -725,11 +716,11 @@ def read_gguf(
                 state[name] = quant.quantize(array, quantization)
             else:
                 state[name] = array.to(dtype)
-            if len(shape) == 2 and qtype not in ("F32", "F16", "BF16"):
+            if len(shape) == 2 and qtype not in ("F32", "F16", "BF16") and quantization != "none":
                 converted[qtype] = converted.get(qtype, 0) + 1
         if release is not None:
             release(t.data)
-    for qtype, count in converted.items() if quantization != "none" else ():
+    for qtype, count in converted.items():
         log.warning("%s: %d tensors of type %s dequantized to %s at load (the kernels read %s)", path.name, count,
                     qtype, str(dtype).removeprefix("torch."), ", ".join(quant.GGUF_KEPT))
 

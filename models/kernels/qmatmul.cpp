@@ -254,6 +254,36 @@ void dispatch(int64_t bits, bool affine, bool big, const uint8_t* W, const S* sc
   return qmm_impl<8, false, false, S, T>(W, sc, mn, zero, xq, M, K, G, y, N);
 }
 
+// A packed quantized weight as the kernels read it (see the layout at the top).
+struct QW {
+  const uint8_t* qs;
+  const void* scales;
+  const void* mins;  // nullptr: symmetric
+  bool half_scales;
+  int64_t bits, group, zero, n;
+  bool big;
+};
+
+QW qw_from(const std::vector<at::Tensor>& t, size_t i, const std::vector<int64_t>& meta, size_t j) {
+  // t[i] codes, t[i+1] scales, t[i+2] mins (empty: symmetric); meta[j..j+3] bits, group, zero, big
+  QW w{t[i].data_ptr<uint8_t>(), t[i + 1].data_ptr(), t[i + 2].numel() ? t[i + 2].data_ptr() : nullptr,
+       t[i + 1].scalar_type() == at::kHalf, meta[j], meta[j + 1], meta[j + 2], t[i].size(0) * 16, meta[j + 3] != 0};
+  return w;
+}
+
+// y (M, w.n) = x (M, K) @ W.T: activations quantized per group, then the blocked integer product.
+template <typename T>
+void qmm_into(const QW& w, const T* x, int64_t M, int64_t K, T* y) {
+  QuantX xq = quantize_x(x, M, K);
+  const bool affine = w.mins != nullptr;
+  if (w.half_scales)
+    dispatch<at::Half, T>(w.bits, affine, w.big, w.qs, static_cast<const at::Half*>(w.scales),
+                          static_cast<const at::Half*>(w.mins), static_cast<int32_t>(w.zero), xq, M, K, w.group, y, w.n);
+  else
+    dispatch<float, T>(w.bits, affine, w.big, w.qs, static_cast<const float*>(w.scales),
+                       static_cast<const float*>(w.mins), static_cast<int32_t>(w.zero), xq, M, K, w.group, y, w.n);
+}
+
 }  // namespace
 
 // x (..., K) fp32/bf16/fp16; qs: uint8 (N/16, K*bits/32, 64) in the layout above; scales/mins (N/16, K/G, 16)
@@ -269,21 +299,14 @@ at::Tensor qmm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scal
   TORCH_CHECK(scales.is_contiguous() && scales.numel() == nb * (K / G) * 16, "qmm: bad scales");
   const bool affine = mins.has_value();
   if (affine) TORCH_CHECK(mins->scalar_type() == scales.scalar_type() && mins->is_contiguous() && mins->numel() == scales.numel(), "qmm: bad mins");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat, "qmm: scales must be fp16 or fp32");
   at::Tensor xc = x.reshape({-1, K}).contiguous();
   const int64_t M = xc.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
-  const auto* W = qs.data_ptr<uint8_t>();
+  const QW w{qs.data_ptr<uint8_t>(), scales.data_ptr(), affine ? mins->data_ptr() : nullptr,
+             scales.scalar_type() == at::kHalf, bits, G, zero, N, big};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "qmm", [&] {
-    QuantX xq = quantize_x(xc.data_ptr<scalar_t>(), M, K);
-    if (scales.scalar_type() == at::kHalf) {
-      dispatch<at::Half, scalar_t>(bits, affine, big, W, scales.data_ptr<at::Half>(),
-                                   affine ? mins->data_ptr<at::Half>() : nullptr, static_cast<int32_t>(zero), xq, M, K,
-                                   G, y.data_ptr<scalar_t>(), N);
-    } else {
-      TORCH_CHECK(scales.scalar_type() == at::kFloat, "qmm: scales must be fp16 or fp32");
-      dispatch<float, scalar_t>(bits, affine, big, W, scales.data_ptr<float>(), affine ? mins->data_ptr<float>() : nullptr,
-                                static_cast<int32_t>(zero), xq, M, K, G, y.data_ptr<scalar_t>(), N);
-    }
+    qmm_into(w, xc.data_ptr<scalar_t>(), M, K, y.data_ptr<scalar_t>());
   });
   auto shape = x.sizes().vec();
   shape.back() = N;
@@ -299,33 +322,6 @@ at::Tensor qmm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scal
 // token's hidden state is the same bits whether it is prefilled in a chunk of 512, decoded alone or in a batch
 // of 16 — prefill, decode, prefix-cache hits and batching all agree (the deterministic mode by construction).
 namespace {
-
-struct QW {
-  const uint8_t* qs;
-  const void* scales;
-  const void* mins;
-  bool half_scales;
-  int64_t bits, group, zero, n;
-  bool big;
-};
-
-QW qw_from(const std::vector<at::Tensor>& t, size_t i, const std::vector<int64_t>& meta, size_t j) {
-  // t[i] codes, t[i+1] scales, t[i+2] mins (empty: symmetric); meta[j..j+3] bits, group, zero, big
-  QW w{t[i].data_ptr<uint8_t>(), t[i + 1].data_ptr(), t[i + 2].numel() ? t[i + 2].data_ptr() : nullptr,
-       t[i + 1].scalar_type() == at::kHalf, meta[j], meta[j + 1], meta[j + 2], t[i].size(0) * 16, meta[j + 3] != 0};
-  return w;
-}
-
-void qmm_f32(const QW& w, const float* x, int64_t M, int64_t K, float* y) {
-  QuantX xq = quantize_x(x, M, K);
-  const bool affine = w.mins != nullptr;
-  if (w.half_scales)
-    dispatch<at::Half, float>(w.bits, affine, w.big, w.qs, static_cast<const at::Half*>(w.scales),
-                              static_cast<const at::Half*>(w.mins), static_cast<int32_t>(w.zero), xq, M, K, w.group, y, w.n);
-  else
-    dispatch<float, float>(w.bits, affine, w.big, w.qs, static_cast<const float*>(w.scales),
-                           static_cast<const float*>(w.mins), static_cast<int32_t>(w.zero), xq, M, K, w.group, y, w.n);
-}
 
 void rmsnorm(const float* h, const float* w, float* out, int64_t N, int64_t dim, float eps) {
   for (int64_t n = 0; n < N; ++n) {
@@ -435,7 +431,7 @@ at::Tensor forward_plain(const at::Tensor& h_in, const std::vector<at::Tensor>& 
     const auto& w = weights;
     const size_t o = l * 14, m = l * 16;
     rmsnorm(hp, w[o].data_ptr<float>(), x.data(), N, dim, static_cast<float>(eps));
-    qmm_f32(qw_from(w, o + 1, meta, m), x.data(), N, dim, qkv.data());
+    qmm_into(qw_from(w, o + 1, meta, m), x.data(), N, dim, qkv.data());
     for (int64_t n = 0; n < N; ++n)  // RoPE on the q and k heads
       for (int64_t hh = 0; hh < H + KV; ++hh) {
         float* v = qkv.data() + n * width + hh * D;
@@ -449,16 +445,16 @@ at::Tensor forward_plain(const at::Tensor& h_in, const std::vector<at::Tensor>& 
       attend(qkv.data(), N, T, H, KV, D, ps, rw, k_cache[l].data_ptr<at::BFloat16>(), v_cache[l].data_ptr<at::BFloat16>(), Lmax, att.data());
     else
       attend(qkv.data(), N, T, H, KV, D, ps, rw, k_cache[l].data_ptr<float>(), v_cache[l].data_ptr<float>(), Lmax, att.data());
-    qmm_f32(qw_from(w, o + 4, meta, m + 4), att.data(), N, H * D, tmp.data());
+    qmm_into(qw_from(w, o + 4, meta, m + 4), att.data(), N, H * D, tmp.data());
     for (int64_t i = 0; i < N * dim; ++i) hp[i] += tmp[i];
     rmsnorm(hp, w[o + 7].data_ptr<float>(), x.data(), N, dim, static_cast<float>(eps));
-    qmm_f32(qw_from(w, o + 8, meta, m + 8), x.data(), N, dim, gu.data());
+    qmm_into(qw_from(w, o + 8, meta, m + 8), x.data(), N, dim, gu.data());
     for (int64_t n = 0; n < N; ++n)
       for (int64_t i = 0; i < hidden; ++i) {
         const float g = gu[n * 2 * hidden + i], u = gu[n * 2 * hidden + hidden + i];
         act[n * hidden + i] = g / (1.f + std::exp(-g)) * u;
       }
-    qmm_f32(qw_from(w, o + 11, meta, m + 12), act.data(), N, hidden, tmp.data());
+    qmm_into(qw_from(w, o + 11, meta, m + 12), act.data(), N, hidden, tmp.data());
     for (int64_t i = 0; i < N * dim; ++i) hp[i] += tmp[i];
   }
   return h;

@@ -252,7 +252,7 @@ class AsyncEngine:
             prompt_tokens_total=self.core.prompt_tokens_total,
             generation_tokens_total=self.core.generation_tokens_total,
             prompt_tokens_cached_total=self.core.prompt_tokens_cached_total,
-            weight_bytes=self.runner.llama.weight_bytes(),
+            weight_bytes=self.runner.weight_bytes,
             kv_cache_bytes=self.runner.kv_bytes,
         )
 

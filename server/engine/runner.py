@@ -56,6 +56,7 @@ class ModelRunner:
         self.args = args
         self.n_slots, self.max_context = n_slots, max_context
         self.device = dev = self.llama.norm.weight.device  # where the model is (the loader put it)
+        self.weight_bytes = self.llama.weight_bytes()  # fixed once loaded: /metrics reads it at every scrape
         self.cache = KVCache.allocate(args, n_slots, max_context, kv_dtype, device=dev)
         self.adapters = args.n_adapters > 0
         self.slot_adapter = torch.zeros(n_slots, dtype=torch.long, device=dev)  # (S,)
