@@ -70,12 +70,12 @@ def _build(variant: str) -> str:
     built = build / f"{ns}.so"
     if built.is_file():  # this exact source, flags, CPU and torch: load it (no compiler needed, e.g. in Docker)
         torch.ops.load_library(str(built))
-        _register_fakes(ns)
-        return ns
-    build.mkdir(parents=True, exist_ok=True)
-    # -fopenmp: at::parallel_for is inline, and single-threaded, without it (libgomp.so.1 resolves to torch's)
-    load(name=ns, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *flags, f"-D{macro}", f"-DLAMINA_NS={ns}"],
-         extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False, verbose=False)
+    else:
+        build.mkdir(parents=True, exist_ok=True)
+        # -fopenmp: at::parallel_for is inline, and single-threaded, without it (libgomp.so.1 resolves to torch's)
+        load(name=ns, sources=[str(SOURCE)],
+             extra_cflags=["-O3", "-fopenmp", *flags, f"-D{macro}", f"-DLAMINA_NS={ns}"],
+             extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False, verbose=False)
     _register_fakes(ns)
     return ns
 
