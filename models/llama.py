@@ -11,8 +11,8 @@ LLaMA-Adapter V2 checkpoints run through the same code. The V2 additions, inline
 Adapter tensors are banks with a leading adapter dimension; each batch row selects its adapter through
 `adapter_ids`, so requests for different adapters share one forward pass over the frozen base.
 
-Per-request state lives outside the module: the caller passes positions, the KV cache and the cache slot
-of each row, and the precomputed prompt K/V (see `prompt_kv`). Shapes: B batch rows, T new tokens, L keys,
+Per-request state lives outside the module: the caller passes positions, the KV cache and the cache row
+of each batch row, and the precomputed prompt K/V (see `prompt_kv`). Shapes: B batch rows, T new tokens, L keys,
 H heads, K kv heads, D head dim, P prompt tokens, A adapters.
 """
 
@@ -42,7 +42,7 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
 
 @dataclass(frozen=True)
 class KVCache:
-    """Key/value storage indexed by slot: k[i], v[i] of shape (S, K, max_len, D) for layer i.
+    """Key/value storage in cache rows: k[i], v[i] of shape (S, K, max_len, D) for layer i.
 
     One tensor per layer (not views of one): a compiled forward then updates each in place, with no
     write-back copy of the whole cache."""
@@ -163,7 +163,7 @@ class AdapterLinear(nn.Module):
 
 
 @dataclass(frozen=True)
-class Step:
+class ForwardState:
     """What every layer of one forward shares, computed once per forward (not once per layer)."""
 
     rot: Tensor  # (B, T, 1, D/2) RoPE rotations (see `rotations`)
@@ -190,7 +190,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: Tensor,  # (B, T, dim)
-        step: Step,
+        state: ForwardState,
         adapter_ids: Tensor | None,
         cache: tuple[Tensor, Tensor] | None,  # this layer's (k, v): (S, K, max_len, D)
         prompt_kv: tuple[Tensor, Tensor, Tensor | None] | None,  # (B, K, P, D) x2, mask (B, P)
@@ -202,15 +202,15 @@ class Attention(nn.Module):
             qkv = linear(x, None, self.wqkv_packed)  # (B, T, (H + 2K) D)
             q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
             if adapter_ids is None:  # rope q and k heads in one go
-                qk = rope(qkv[..., : (H + K) * D].view(B, T, H + K, D), step.rot)  # (B, T, H + K, D)
+                qk = rope(qkv[..., : (H + K) * D].view(B, T, H + K, D), state.rot)  # (B, T, H + K, D)
                 q, k = qk[:, :, :H], qk[:, :, H:]
             else:
-                q = rope(self.wq.adapt(x, q, adapter_ids).view(B, T, H, D), step.rot)
-                k = rope(self.wk.adapt(x, k, adapter_ids).view(B, T, K, D), step.rot)
+                q = rope(self.wq.adapt(x, q, adapter_ids).view(B, T, H, D), state.rot)
+                k = rope(self.wk.adapt(x, k, adapter_ids).view(B, T, K, D), state.rot)
                 v = self.wv.adapt(x, v, adapter_ids)
         else:
-            q = rope(self.wq(x, adapter_ids).view(B, T, H, D), step.rot)
-            k = rope(self.wk(x, adapter_ids).view(B, T, K, D), step.rot)
+            q = rope(self.wq(x, adapter_ids).view(B, T, H, D), state.rot)
+            k = rope(self.wk(x, adapter_ids).view(B, T, K, D), state.rot)
             v = self.wv(x, adapter_ids)
         v = v.view(B, T, K, D)
 
@@ -219,19 +219,19 @@ class Attention(nn.Module):
         else:
             cache_k, cache_v = cache
             # rows in (B, T, K) order; the cache may be held in a narrower dtype than the activations
-            cache_k.view(-1, D).index_copy_(0, step.writes, k.reshape(-1, D).to(cache_k.dtype))
-            cache_v.view(-1, D).index_copy_(0, step.writes, v.reshape(-1, D).to(cache_v.dtype))
-            keys, values = cache_k[step.rows, :, : step.L], cache_v[step.rows, :, : step.L]  # (B, K, L, D)
+            cache_k.view(-1, D).index_copy_(0, state.writes, k.reshape(-1, D).to(cache_k.dtype))
+            cache_v.view(-1, D).index_copy_(0, state.writes, v.reshape(-1, D).to(cache_v.dtype))
+            keys, values = cache_k[state.rows, :, : state.L], cache_v[state.rows, :, : state.L]  # (B, K, L, D)
         q = q.transpose(1, 2)  # (B, H, T, D)
         if T == 1 and prompt_kv is None:  # decode: plain batched matmuls (in fp32) beat SDPA's CPU kernels
             G = H // K  # query heads per kv head (head h reads kv head h // G)
             scores = (q.reshape(B, K, G, D).float() * D**-0.5) @ keys.float().transpose(2, 3)  # (B, K, G, L)
-            if step.mask is not None:
-                scores = scores + step.mask  # (B, 1, 1, L)
+            if state.mask is not None:
+                scores = scores + state.mask  # (B, 1, 1, L)
             out = (F.softmax(scores, dim=-1) @ values.float()).type_as(q).view(B, H, 1, D)  # (B, H, 1, D)
         else:
             keys, values = keys.to(q.dtype), values.to(q.dtype)  # no copy when the cache is in q's dtype
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=K != H)  # (B,H,T,D)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=state.mask, enable_gqa=K != H)  # (B,H,T,D)
 
         if prompt_kv is not None and self.gate is not None:
             pk, pv, pmask = prompt_kv
@@ -277,8 +277,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps, banks)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, banks)
 
-    def forward(self, x, step, adapter_ids, cache, prompt_kv) -> Tensor:
-        h = x + self.attention(self.attention_norm(x, adapter_ids), step, adapter_ids, cache, prompt_kv)
+    def forward(self, x, state, adapter_ids, cache, prompt_kv) -> Tensor:
+        h = x + self.attention(self.attention_norm(x, adapter_ids), state, adapter_ids, cache, prompt_kv)
         return h + self.feed_forward(self.ffn_norm(h, adapter_ids), adapter_ids)
 
 
@@ -300,28 +300,34 @@ class Transformer(nn.Module):
         positions: Tensor,  # (B, T) absolute text positions (prompts take none)
         *,
         cache: KVCache | None = None,
-        slots: Tensor | None = None,  # (B,) cache slot of each row
+        rows: Tensor | None = None,  # (B,) the cache row each batch row reads and writes
         adapter_ids: Tensor | None = None,  # (B,) bank row of each row; None for a plain model
         prompt_kv: PromptKV | None = None,
         last_only: bool = True,
+        logit_index: Tensor | None = None,  # (M,) flat indices into the B·T positions whose logits are wanted
+        pad: Tensor | None = None,  # (B, T) bool: padding, whose K/V go to `scratch_row` (never read)
+        scratch_row: int | None = None,
     ) -> Tensor:
-        """Logits as float32: (B, vocab) for the last position, or (B, T, vocab) with last_only=False."""
-        if self.fused is not None and cache is not None and adapter_ids is None and prompt_kv is None:
-            return self._forward_fused(tokens, positions, cache, slots, last_only)
-        step = self.step(positions, cache, slots, self.dtype)
-        return self.run(tokens, step, cache=cache, adapter_ids=adapter_ids, prompt_kv=prompt_kv, last_only=last_only)
+        """Logits as float32: (B, vocab) for the last position, (B, T, vocab) with last_only=False, or (M, vocab)
+        at `logit_index`."""
+        if self.fused is not None and cache is not None and adapter_ids is None and prompt_kv is None and pad is None:
+            return self._forward_fused(tokens, positions, cache, rows, last_only, logit_index)
+        state = self.forward_state(positions, cache, rows, self.dtype, pad, scratch_row)
+        return self.run(tokens, state, cache=cache, adapter_ids=adapter_ids, prompt_kv=prompt_kv, last_only=last_only,
+                        logit_index=logit_index)
 
     def run(
         self,
         tokens: Tensor,  # (B, T)
-        step: Step,
+        state: ForwardState,
         *,
         cache: KVCache | None = None,
         adapter_ids: Tensor | None = None,
         prompt_kv: PromptKV | None = None,
         last_only: bool = True,
+        logit_index: Tensor | None = None,
     ) -> Tensor:
-        """`forward` after the per-forward state: no host syncs, fixed shapes for a given `step` (compilable)."""
+        """`forward` after the per-forward state: no host syncs, fixed shapes for a given `state` (compilable)."""
         h = self.embed(tokens)  # (B, T, dim)
         adapted = self.args.adapted_layers
         for i, layer in enumerate(self.layers):
@@ -330,23 +336,31 @@ class Transformer(nn.Module):
             if prompt_kv is not None and i in adapted:
                 j = i - adapted.start
                 pkv = (prompt_kv.k[j], prompt_kv.v[j], prompt_kv.mask)
-            h = layer(h, step, adapter_ids, layer_cache, pkv)
+            h = layer(h, state, adapter_ids, layer_cache, pkv)
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        if logit_index is not None:
+            B, T = tokens.shape
+            ids = None if adapter_ids is None else adapter_ids.repeat_interleave(T)[logit_index]
+            h = self.norm(h.reshape(B * T, 1, -1)[logit_index], ids)  # (M, 1, dim)
+            return linear(h, weight, self.output_packed).float()[:, 0]
         if last_only:
             h = h[:, -1:, :]
         h = self.norm(h, adapter_ids)
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         logits = linear(h, weight, self.output_packed).float()  # packed: `weight` is None
         return logits[:, -1] if last_only else logits
 
-    def _forward_fused(self, tokens, positions, cache: KVCache, slots, last_only: bool) -> Tensor:
+    def _forward_fused(self, tokens, positions, cache: KVCache, rows, last_only: bool, logit_index) -> Tensor:
         """The layers in one call of the fused CPU kernel (see `prepare_fused`); same result as `run` up to
         fp32 rounding, and the same bits for a token however it is batched, chunked or cached."""
         B, T = tokens.shape
         a = self.args
         h = self.embed(tokens).reshape(B * T, a.dim)
         weights, meta, op = self.fused
-        h = op(h, weights, meta, list(cache.k), list(cache.v), slots, positions, a.n_heads, a.kv_heads, a.norm_eps,
-               a.rope_theta).view(B, T, a.dim)
+        h = op(h, weights, meta, list(cache.k), list(cache.v), rows, positions, a.n_heads, a.kv_heads, a.norm_eps,
+               a.rope_theta)
+        if logit_index is not None:
+            return linear(self.norm(h[logit_index][:, None], None), None, self.output_packed).float()[:, 0]
+        h = h.view(B, T, a.dim)
         if last_only:
             h = h[:, -1:, :]
         logits = linear(self.norm(h, None), None, self.output_packed).float()
@@ -386,27 +400,32 @@ class Transformer(nn.Module):
             return self.tok_embeddings(tokens)
         return self.embed_packed.rows(tokens).to(self.dtype)
 
-    def step(self, positions: Tensor, cache: KVCache | None, slots: Tensor | None, dtype: torch.dtype) -> Step:
-        """The per-forward state shared by the layers: RoPE rotations, the causal mask, the cache rows."""
+    def forward_state(self, positions: Tensor, cache: KVCache | None, rows: Tensor | None, dtype: torch.dtype,
+                      pad: Tensor | None = None, scratch_row: int | None = None) -> ForwardState:
+        """The per-forward state shared by the layers: RoPE rotations, the causal mask, the cache rows and where
+        the new K/V rows go (padding's to `scratch_row`, a cache row nobody reads)."""
         a = self.args
         B, T = positions.shape
         rot = rotations(positions, a.head_dim, a.rope_theta)
         if cache is None:
-            key_pos, rows, writes, L = positions, None, None, T
+            key_pos, read, writes, L = positions, None, None, T
         else:
             pos = positions.tolist()
             L = max(map(max, pos)) + 1
             key_pos = torch.arange(L, device=positions.device).expand(B, L)
-            first = sl[0] if (sl := slots.tolist()) else 0
-            rows = slice(first, first + B) if sl == list(range(first, first + B)) else slots
+            first = sl[0] if (sl := rows.tolist()) else 0
+            read = slice(first, first + B) if sl == list(range(first, first + B)) else rows
             heads = torch.arange(a.kv_heads, device=positions.device)
-            writes = ((slots[:, None, None] * a.kv_heads + heads) * cache.max_len + positions[:, :, None]).flatten()
+            dest = rows[:, None].expand(B, T)
+            if pad is not None:
+                dest = dest.masked_fill(pad, scratch_row)
+            writes = ((dest[:, :, None] * a.kv_heads + heads) * cache.max_len + positions[:, :, None]).flatten()
             if T == 1 and all(p[0] == L - 1 for p in pos):  # decode, all rows at the last key
-                return Step(rot, None, rows, writes, L)
+                return ForwardState(rot, None, read, writes, L)
         # causal by position: query at p sees keys at positions <= p (stale cache entries are masked)
         visible = key_pos[:, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, L)
         mask = torch.zeros(visible.shape, dtype=dtype, device=positions.device).masked_fill_(~visible, float("-inf"))
-        return Step(rot, mask, rows, writes, L)
+        return ForwardState(rot, mask, read, writes, L)
 
     def prompt_kv(self, prompts: Tensor) -> tuple[Tensor, Tensor]:
         """Keys/values of adaption prompts through the plain wk/wv of each adapted layer (no RoPE).

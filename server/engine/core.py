@@ -16,7 +16,7 @@ import torch
 
 from models.loading import DTYPES, LoadedModel
 from models.tokenizer import IncrementalDetokenizer
-from server.engine.runner import ModelRunner
+from server.engine.runner import Chunk, ModelRunner
 from server.engine.sampling import Sampled, SamplingState, sample
 from server.engine.scheduler import Scheduler, SchedulerOutput, Sequence
 from server.engine.types import FinishReason, GenerateRequest, RequestOutput, TokenLogprob
@@ -169,22 +169,19 @@ class EngineCore:
             if self.on_admit is not None:
                 self.on_admit(seq.request_id)
             self.runner.observer.on_admit(seq.request_id)
-        rows, logits = [], []
-        if plan.decode:
-            decode = list(plan.decode)
-            logits.append(self.runner.decode(
-                [s.slot for s in decode], [s.output_ids[-1] for s in decode], [s.num_computed for s in decode]
-            ))
-            rows += decode
+        chunks, rows = [], []
+        for seq in plan.decode:
+            chunks.append(Chunk(seq.slot, (seq.output_ids[-1],), seq.num_computed))
+            rows.append(seq)
         for chunk in plan.prefill:
             seq = chunk.seq
-            out = self.runner.prefill(seq.slot, seq.prompt_ids[chunk.start : chunk.end], chunk.start)
+            chunks.append(Chunk(seq.slot, tuple(seq.prompt_ids[chunk.start : chunk.end]), chunk.start, chunk.last))
             self.prompt_tokens_total += chunk.end - chunk.start
             if chunk.last:
                 rows.append(seq)
-                logits.append(out[None])
+        logits = self.runner.forward(chunks) if chunks else None
         self.scheduler.computed(plan)
-        return rows, (torch.cat(logits) if logits else None)
+        return rows, logits
 
     def update(self, seqs: list[Sequence], logits: torch.Tensor | None) -> list[RequestOutput]:
         if not seqs:

@@ -2,8 +2,9 @@
 
 Pure Python (no torch), so it is unit-tested with hand-made outputs. Each choice of a request is one
 `Sequence` holding one KV-cache slot from admission to finish. Every step decodes one token for each running
-sequence whose prompt is in the cache, and spends a token budget on prompt chunks (sequences still
-prefilling first, then newly admitted ones) so a long prompt never stalls running streams for long.
+sequence whose prompt is in the cache, and spends the rest of a token budget on prompt chunks (sequences
+still prefilling first, then newly admitted ones) so a long prompt never stalls running streams for long. The
+runner computes the whole step — decode rows and prompt chunks — in one forward where it can.
 Stop strings need text and are checked by the core, which then calls `finish`.
 
 Prefix reuse: a freed slot keeps its K/V rows until it is reused, and the scheduler remembers what they hold
@@ -101,7 +102,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         decode = tuple(s for s in self.running if not s.prefilling)
-        budget = self.prefill_budget
+        budget = max(1, self.prefill_budget - len(decode))  # one token budget: decode rows first, prompts share the rest
         prefill = []
         for seq in self.running:  # continue prompts admitted earlier, oldest first
             if seq.prefilling and budget > 0:

@@ -34,7 +34,7 @@ def test_reuse_survives_row_swaps_and_other_traffic(plain):
         firsts[rid] = token_ids(core.generate_all([(request(rid, p), 0)])[rid])
     # two others in slots 2 and 3: decoding them moves them to cache rows 0 and 1, the retained rows away
     core.generate_all([(request(f"o{i}", [90 + i, 3, 4, 5][: 2 + i]), 0) for i in range(2)])
-    assert sorted(core.runner.row_of[:2]) == [2, 3]
+    assert sorted(core.runner.rows.row_of[:2]) == [2, 3]
     follow = {f"{rid}+": p + firsts[rid] + [50] for rid, p in prompts.items()}
     outs = core.generate_all([(request(rid, p), 0) for rid, p in follow.items()])
     assert core.prompt_tokens_cached_total == sum(len(p) + len(firsts[r]) - 1 for r, p in prompts.items())

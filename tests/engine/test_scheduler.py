@@ -35,7 +35,7 @@ def test_long_prompt_is_chunked_and_decode_keeps_running():
         out, _ = step(sched)
         assert [s.request_id for s in out.decode][:1] == ["short"]  # never stalled by the long prompt
         chunks += [(c.start, c.end) for c in out.prefill]
-    assert chunks == [(0, 8), (8, 16), (16, 20)]
+    assert chunks == [(0, 7), (7, 14), (14, 20)]  # one budget of 8: the decode row takes one, prompts the rest
     long = next(s for s in sched.running if s.request_id == "long")
     assert long.num_computed == 20 and long.output_ids == [7]
 

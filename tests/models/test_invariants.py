@@ -141,9 +141,9 @@ def test_cache_slots_are_isolated(reference, golden):
     ids = golden["prompt_tokens"]
     kw = dict(cache=cache, adapter_ids=torch.tensor([0]), prompt_kv=pkv)
     with torch.inference_mode():
-        first = model.llama(torch.tensor([ids]), torch.arange(len(ids))[None], slots=torch.tensor([0]), **kw)
-        model.llama(torch.tensor([ids[::-1]]), torch.arange(len(ids))[None], slots=torch.tensor([1]), **kw)
-        again = model.llama(torch.tensor([ids[-1:]]), torch.tensor([[len(ids) - 1]]), slots=torch.tensor([0]), **kw)
+        first = model.llama(torch.tensor([ids]), torch.arange(len(ids))[None], rows=torch.tensor([0]), **kw)
+        model.llama(torch.tensor([ids[::-1]]), torch.arange(len(ids))[None], rows=torch.tensor([1]), **kw)
+        again = model.llama(torch.tensor([ids[-1:]]), torch.tensor([[len(ids) - 1]]), rows=torch.tensor([0]), **kw)
     torch.testing.assert_close(first, again, atol=ATOL, rtol=0)
 
 

@@ -35,7 +35,7 @@ def _logits(loaded, ids, chunk=512):
     cache = KVCache.allocate(llama.args, 1, len(ids), torch.bfloat16)
     with torch.inference_mode():
         return torch.cat([llama(torch.tensor([ids[s : s + chunk]]), torch.arange(s, min(s + chunk, len(ids)))[None],
-                                cache=cache, slots=torch.tensor([0]), last_only=False)[0].double()
+                                cache=cache, rows=torch.tensor([0]), last_only=False)[0].double()
                           for s in range(0, len(ids), chunk)])
 
 
@@ -71,18 +71,18 @@ def test_a_tokens_logits_do_not_depend_on_batching_chunking_or_caching(kept):
         return KVCache.allocate(llama.args, slots, 128, torch.bfloat16)
 
     with torch.inference_mode():
-        one = llama(torch.tensor([ids]), torch.arange(len(ids))[None], cache=fresh(), slots=torch.tensor([0]),
+        one = llama(torch.tensor([ids]), torch.arange(len(ids))[None], cache=fresh(), rows=torch.tensor([0]),
                     last_only=False)[0]
         cache = fresh()
         chunks = torch.cat([llama(torch.tensor([ids[s : s + 7]]), torch.arange(s, min(s + 7, len(ids)))[None],
-                                  cache=cache, slots=torch.tensor([2]), last_only=False)[0] for s in range(0, 40, 7)])
+                                  cache=cache, rows=torch.tensor([2]), last_only=False)[0] for s in range(0, 40, 7)])
         cache = fresh()
-        llama(torch.tensor([ids[:30]]), torch.arange(30)[None], cache=cache, slots=torch.tensor([1]))
-        llama(torch.tensor([other]), torch.arange(len(other))[None], cache=cache, slots=torch.tensor([0]))
+        llama(torch.tensor([ids[:30]]), torch.arange(30)[None], cache=cache, rows=torch.tensor([1]))
+        llama(torch.tensor([other]), torch.arange(len(other))[None], cache=cache, rows=torch.tensor([0]))
         decoded = []
         for i in range(30, 40):  # row 0: the other request, decoding at its own positions
             out = llama(torch.tensor([[ids[i]], [other[-1]]]), torch.tensor([[i], [len(other) + i - 30]]),
-                        cache=cache, slots=torch.tensor([1, 0]))
+                        cache=cache, rows=torch.tensor([1, 0]))
             decoded.append(out[0])
     assert torch.equal(one, chunks)
     assert torch.equal(one[30:], torch.stack(decoded))

@@ -53,7 +53,7 @@ def greedy(model, prompts, images, n_new, chunk=None):
                 piece = ids[s : s + step]
                 logits = model.llama(
                     torch.tensor([piece]), torch.arange(s, s + len(piece))[None], cache=cache,
-                    slots=torch.tensor([b]), adapter_ids=torch.tensor([0]), prompt_kv=pkvs[b],
+                    rows=torch.tensor([b]), adapter_ids=torch.tensor([0]), prompt_kv=pkvs[b],
                 )
             last.append(logits[0])
         k = torch.cat([p.k for p in pkvs], dim=1)
@@ -69,7 +69,7 @@ def greedy(model, prompts, images, n_new, chunk=None):
                 out[b].append(int(nxt[b]))
             positions = torch.tensor(lengths)[:, None]
             logits = model.llama(
-                nxt[:, None], positions, cache=cache, slots=torch.arange(B),
+                nxt[:, None], positions, cache=cache, rows=torch.arange(B),
                 adapter_ids=torch.zeros(B, dtype=torch.long), prompt_kv=pkv,
             )
             lengths = [n + 1 for n in lengths]
@@ -106,6 +106,6 @@ def test_cached_decode_equals_full_forward(reference, golden):
     pkv = model.prompt_kv([vq], 0)
     with torch.inference_mode():
         for t, tok in enumerate(ids):
-            step = model.llama(torch.tensor([[tok]]), torch.tensor([[t]]), cache=cache, slots=torch.tensor([0]),
+            step = model.llama(torch.tensor([[tok]]), torch.tensor([[t]]), cache=cache, rows=torch.tensor([0]),
                                adapter_ids=torch.tensor([0]), prompt_kv=pkv)
             torch.testing.assert_close(step[0], full[t], atol=ATOL, rtol=0)
