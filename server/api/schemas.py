@@ -266,9 +266,12 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+MAX_PROMPTS = 64  # prompts in one /v1/completions request (each takes a waiting-queue place)
+
+
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        ..., description="a string or token ids; one prompt per request")
+        ..., description="a string or token ids, or a batch of them (one choice per prompt and n, in that order)")
     max_tokens: int | None = Field(16, ge=1, description="null = the rest of the context")
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
@@ -277,10 +280,11 @@ class CompletionRequest(_Sampling):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: Any) -> Any:
-        if isinstance(value, list) and value and isinstance(value[0], str | list):
-            if len(value) != 1:
-                raise ValueError("batched prompts are not supported; send one request per prompt")
+    def _prompts(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("prompt must not be empty")
+        if isinstance(value, list) and isinstance(value[0], str | list) and len(value) > MAX_PROMPTS:
+            raise ValueError(f"{len(value)} prompts in one request; the limit is {MAX_PROMPTS}")
         return value
 
     @field_validator("suffix")
@@ -302,10 +306,15 @@ class CompletionRequest(_Sampling):
 # ------------------------------------------------------------------------------ responses (for the docs)
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens reused from the prefix cache (not recomputed)")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class ExpertReport(BaseModel):

@@ -15,6 +15,7 @@ or engine request is released.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -71,6 +72,17 @@ class Admission:
             self._reservation.release()
 
 
+class AdmissionGroup:
+    """A batch's places (one per prompt), released together; each part hands its own to the engine."""
+
+    def __init__(self, admissions: list[Admission]):
+        self.admissions = admissions
+
+    def release(self) -> None:
+        for a in self.admissions:
+            a.release()
+
+
 def chat_logprobs(items: Sequence[TokenLogprob]) -> dict:
     return {"content": [{
         "token": lp.token, "logprob": lp.logprob, "bytes": list(lp.bytes),
@@ -106,7 +118,7 @@ class Job:
     sampling: SamplingParams
     prompt_ids: list[int]
     arrival: float
-    admission: Admission | None = None
+    admission: Admission | AdmissionGroup | None = None
     max_tokens: int | None = None  # as the client asked (None: the rest of the context)
     chat: ChatInput | None = None
     image_urls: tuple[str, ...] = ()
@@ -118,8 +130,17 @@ class Job:
     stream: bool = False
     include_usage: bool = False
     user: str | None = None
+    parts: list[Job] = field(default_factory=list)  # a batch of prompts (/v1/completions): one job per prompt
     id: str = ""
     created: int = 0
+
+    @property
+    def n_choices(self) -> int:
+        return self.sampling.n * max(1, len(self.parts))
+
+    def echo_of(self, index: int) -> str:
+        """The echoed prompt of choice `index` (a batch's choices go prompt by prompt, n per prompt)."""
+        return self.parts[index // self.sampling.n].echo if self.parts else self.echo
 
     def __post_init__(self) -> None:
         prefix = "chatcmpl" if self.kind == "chat" else "cmpl"
@@ -133,21 +154,24 @@ class Totals:
     logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
     finish: dict[int, str | None] = field(default_factory=dict)
     completion_tokens: dict[int, int] = field(default_factory=dict)
-    prompt_tokens: int = 0
+    prompt_tokens: dict[int, int] = field(default_factory=dict)  # per prompt of a batch
+    cached_tokens: dict[int, int] = field(default_factory=dict)
 
-    def add(self, out: RequestOutput) -> None:
+    def add(self, out: RequestOutput, part: int = 0) -> None:
         self.text[out.index] = self.text.get(out.index, "") + out.text
         self.logprobs.setdefault(out.index, []).extend(out.logprobs)
         self.completion_tokens[out.index] = max(self.completion_tokens.get(out.index, 0),
                                                 out.completion_tokens)
-        self.prompt_tokens = max(self.prompt_tokens, out.prompt_tokens)
+        self.prompt_tokens[part] = max(self.prompt_tokens.get(part, 0), out.prompt_tokens)
+        self.cached_tokens[part] = max(self.cached_tokens.get(part, 0), out.cached_tokens)
         if out.finished:
             self.finish[out.index] = out.finish_reason
 
     def usage(self, prompt_len: int) -> dict:
-        prompt = self.prompt_tokens or prompt_len
+        prompt = sum(self.prompt_tokens.values()) or prompt_len
         completion = sum(self.completion_tokens.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens.values())}}
 
 
 # ----------------------------------------------------------------------------------------- the service
@@ -318,32 +342,81 @@ class CompletionService:
     # ------------------------------------------------------------------------------ completions
     async def prepare_completion(self, req: CompletionRequest, request_id: str, arrival: float) -> Job:
         adapter = self.resolve_model(req.model)
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            ids = await self._encode(prompt)
-            echo_text = prompt
-        else:
-            ids = [int(t) for t in prompt]
-            if self.vocab_size and any(t < 0 or t >= self.vocab_size for t in ids):
-                raise bad_request(f"prompt token ids must be in 0..{self.vocab_size - 1}", "prompt")
-            echo_text = self.engine.tokenizer.decode(ids)
-        if not ids:
-            raise bad_request("prompt must not be empty", "prompt")
+        prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str | list) \
+            else [req.prompt]
         top = req.logprobs or 0
-        job = Job(
-            kind="completion", request_id=request_id, model=req.model, adapter=adapter,
-            sampling=self._sampling(req, logprobs=req.logprobs is not None, top=top), prompt_ids=ids,
-            arrival=arrival, max_tokens=req.max_tokens, echo=echo_text if req.echo else "",
-            stream=req.stream, include_usage=req.include_usage, user=req.user,
-        )
-        self._check_length(job, job.max_tokens or 1)
-        return self._admit(job)
+        sampling = self._sampling(req, logprobs=req.logprobs is not None, top=top)
+        jobs = []
+        for i, prompt in enumerate(prompts):
+            param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            if isinstance(prompt, str):
+                ids = await self._encode(prompt)
+                echo_text = prompt
+            else:
+                ids = [int(t) for t in prompt]
+                if self.vocab_size and any(t < 0 or t >= self.vocab_size for t in ids):
+                    raise bad_request(f"prompt token ids must be in 0..{self.vocab_size - 1}", param)
+                echo_text = self.engine.tokenizer.decode(ids)
+            if not ids:
+                raise bad_request("prompt must not be empty", param)
+            job = Job(
+                kind="completion", request_id=request_id, model=req.model, adapter=adapter, sampling=sampling,
+                prompt_ids=ids, arrival=arrival, max_tokens=req.max_tokens, echo=echo_text if req.echo else "",
+                stream=req.stream, include_usage=req.include_usage, user=req.user,
+            )
+            self._check_length(job, job.max_tokens or 1)
+            jobs.append(job)
+        if len(jobs) == 1:
+            return self._admit(jobs[0])
+        batch = Job(kind="completion", request_id=request_id, model=req.model, adapter=adapter, sampling=sampling,
+                    prompt_ids=[t for j in jobs for t in j.prompt_ids], arrival=arrival, max_tokens=req.max_tokens,
+                    stream=req.stream, include_usage=req.include_usage, user=req.user, parts=jobs)
+        try:  # a place for every prompt, or none (429)
+            for job in jobs:
+                self._admit(job)
+        except BaseException:
+            AdmissionGroup([j.admission for j in jobs if j.admission is not None]).release()
+            raise
+        batch.admission = AdmissionGroup([j.admission for j in jobs])
+        return batch
 
     # ------------------------------------------------------------------------------ the engine
-    async def outputs(self, job: Job) -> AsyncIterator[RequestOutput]:
-        """The engine's deltas for `job`, with latency and token metrics recorded on the way."""
+    async def outputs(self, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt, delta) pairs from the engine for `job` — a batch's prompts run together, their choices
+        renumbered prompt by prompt as OpenAI does — with latency and token metrics recorded on the way."""
+        if not job.parts:
+            async for out in self._outputs(job):
+                yield 0, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        n = job.sampling.n
+
+        async def pump(k: int, part: Job) -> None:
+            try:
+                async for out in self._outputs(part):
+                    await queue.put((k, dataclasses.replace(out, index=k * n + out.index)))
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+                await queue.put((k, e))
+                return
+            await queue.put((k, None))
+
+        tasks = [asyncio.create_task(pump(k, part)) for k, part in enumerate(job.parts)]
+        try:
+            running = len(tasks)
+            while running:
+                k, item = await queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield k, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _outputs(self, job: Job) -> AsyncIterator[RequestOutput]:
         request = self._engine_request(job, self._final_max_tokens(job))
         self._validate(request)
         model, m = job.model, self.metrics
@@ -392,8 +465,8 @@ class CompletionService:
                 await self.load_images(job)
                 await self.finalize_prompt(job)
             totals = Totals()
-            async for out in self.outputs(job):
-                totals.add(out)
+            async for part, out in self.outputs(job):
+                totals.add(out, part)
         finally:
             job.admission.release()
         indices = sorted(set(totals.text) | set(totals.finish)) or [0]
@@ -409,11 +482,11 @@ class CompletionService:
             if job.experts_report is not None:
                 body["experts"] = job.experts_report
             return body
-        offset = len(job.echo)
         choices = [{
             "index": i,
-            "text": job.echo + totals.text.get(i, ""),
-            "logprobs": completion_logprobs(totals.logprobs.get(i, []), offset) if job.sampling.logprobs else None,
+            "text": job.echo_of(i) + totals.text.get(i, ""),
+            "logprobs": completion_logprobs(totals.logprobs.get(i, []), len(job.echo_of(i)))
+            if job.sampling.logprobs else None,
             "finish_reason": _finish(totals.finish.get(i)),
         } for i in indices]
         return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
@@ -458,17 +531,17 @@ class CompletionService:
                 await self.finalize_prompt(job)  # the experts (with_keepalive covers the wait)
             totals = Totals()
             offsets: dict[int, int] = {}
-            for i in range(job.sampling.n):  # every choice opens with the role (the first also the experts)
+            for i in range(job.n_choices):  # every choice opens with the role (the first also the experts)
                 if chat:
                     first = chunk(i, "", None, role=True)
                     if i == 0 and job.experts_report is not None:
                         first["experts"] = job.experts_report
                     yield sse(first)
-                elif job.echo:
-                    yield sse(chunk(i, job.echo, None))
-                offsets[i] = len(job.echo)
-            async for out in self.outputs(job):
-                totals.add(out)
+                elif job.echo_of(i):
+                    yield sse(chunk(i, job.echo_of(i), None))
+                offsets[i] = len(job.echo_of(i))
+            async for part, out in self.outputs(job):
+                totals.add(out, part)
                 lp = None
                 if job.sampling.logprobs and out.logprobs:
                     lp = chat_logprobs(out.logprobs) if chat else completion_logprobs(out.logprobs,

@@ -238,6 +238,7 @@ class EngineCore:
             finish_reason=reason,
             prompt_tokens=len(choice.seq.prompt_ids),
             completion_tokens=len(choice.seq.output_ids),
+            cached_tokens=(choice.seq.parent or choice.seq).num_cached,  # choices 1.. copy choice 0's prompt
         )
         choice.pending_ids, choice.pending_logprobs = [], []
         return out

@@ -164,8 +164,52 @@ def test_completions(client):
     assert all(e["object"] == "text_completion" for e in events[:-1])
     refused = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "echo": True, "logprobs": 1})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
-    batch = client.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b"]})
-    assert batch.status_code == 400 and batch.json()["error"]["param"] == "prompt"
+    empty = client.post("/v1/completions", json={"model": "tiny", "prompt": []})
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "prompt"
+
+
+def _completion(client, prompt, **kw):
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": True, **kw}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_a_batch_of_prompts_gives_one_choice_per_prompt_and_n_in_order(client):
+    """OpenAI's batch: choices go prompt by prompt, n per prompt; each equals the prompt sent alone."""
+    prompts = ["Once upon", "The sea is", "Hello there"]
+    alone = [_completion(client, p).json() for p in prompts]
+    body = _completion(client, prompts, n=2).json()
+    assert [c["index"] for c in body["choices"]] == list(range(6))
+    for i, c in enumerate(body["choices"]):
+        assert c["text"] == alone[i // 2]["choices"][0]["text"] and c["finish_reason"] == "length"
+    assert body["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)
+    assert body["usage"]["completion_tokens"] == 6 * 3
+    echo = _completion(client, prompts, echo=True).json()
+    texts = [c["text"] for c in echo["choices"]]
+    assert texts == [p + a["choices"][0]["text"] for p, a in zip(prompts, alone, strict=True)]
+    events = [e for e in sse_events(_completion(client, prompts, stream=True, echo=True,
+                                                  stream_options={"include_usage": True}).text) if e != "[DONE]"]
+    streamed: dict[int, str] = {}
+    for e in events[:-1]:
+        for c in e["choices"]:
+            streamed[c["index"]] = streamed.get(c["index"], "") + c["text"]
+    assert streamed == dict(enumerate(texts))
+    assert events[-1]["usage"]["prompt_tokens"] == body["usage"]["prompt_tokens"]
+    ids = [[5, 6, 7], [9, 10]]  # token-id prompts batch too
+    assert [c["text"] for c in _completion(client, ids).json()["choices"]] == \
+        [_completion(client, p).json()["choices"][0]["text"] for p in ids]
+
+
+def test_usage_reports_the_prefix_cache_hit(client):
+    prompt = "A prompt no other test sends, about prefix caching and usage."
+    first = _completion(client, prompt).json()["usage"]
+    again = _completion(client, prompt, stream=True, stream_options={"include_usage": True})
+    usage = [e for e in sse_events(again.text) if e != "[DONE]"][-1]["usage"]
+    assert first["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert usage["prompt_tokens_details"]["cached_tokens"] == first["prompt_tokens"] - 1  # all but the last token
+    chat_usage = chat(client, max_tokens=2).json()["usage"]
+    assert set(chat_usage["prompt_tokens_details"]) == {"cached_tokens"}
 
 
 @pytest.mark.parametrize("body,param", [
@@ -267,3 +311,14 @@ def test_an_empty_body_says_what_is_missing(client):
     assert r.status_code == 400
     err = r.json()["error"]
     assert "None" not in err["message"] and "empty" in err["message"]
+
+
+def test_a_batch_gets_a_place_for_every_prompt_or_none(tiny):
+    """Each prompt takes a waiting-queue place: a batch larger than the queue is refused whole (429), and the
+    places it took on the way are given back."""
+    with app_client(tiny, max_waiting=2) as c:
+        refused = c.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b", "c"], "max_tokens": 1})
+        assert refused.status_code == 429, refused.text
+        for _ in range(2):  # nothing leaked: a batch that fits still runs, twice
+            ok = c.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b"], "max_tokens": 1})
+            assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
