@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     kv_cache_bytes: ByteSize | None = Field(None, description="KV-cache memory budget, e.g. 2GiB")
     max_waiting: int = Field(64, ge=1, description="admitted requests waiting for a slot (at least 1: the warm-up "
                              "request waits too); more → 429")
-    prefill_chunk: int = Field(512, ge=1, description="prompt tokens per engine step (long prompts in chunks)")
+    prefill_chunk: int = Field(512, ge=1, description="tokens per engine step, decode rows first (long prompts in chunks)")
     prefix_caching: bool = Field(
         True, description="reuse a finished request's KV cache for a prompt that starts the same way (same adapter "
         "and images): a chat's next turn prefills only what is new")

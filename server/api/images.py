@@ -22,6 +22,7 @@ import io
 import ipaddress
 import logging
 import socket
+import ssl
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -262,6 +263,7 @@ class ImageLoader:
         executor: Executor | None = None,
         observe: Callable[[str, float], None] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        ssl_context: ssl.SSLContext | None = None,  # None: the system's CAs (certifi); tests pass a throw-away CA
     ):
         self.limits = limits
         self.executor = executor
@@ -269,6 +271,7 @@ class ImageLoader:
         # No keep-alive: fetches are pinned to an IP, and httpcore pools connections by IP and port, so a second
         # hostname on the same address (a CDN) would reuse the first one's TLS session, its certificate unchecked.
         self.client = httpx.AsyncClient(transport=transport, trust_env=False, follow_redirects=False,
+                                        verify=ssl_context if ssl_context is not None else True,
                                         limits=httpx.Limits(max_keepalive_connections=0),
                                         timeout=httpx.Timeout(limits.fetch_timeout),
                                         headers={"User-Agent": "lamina-image-fetch"})

@@ -240,3 +240,59 @@ def test_pinned_fetches_never_reuse_a_connection():
         assert pool._max_keepalive_connections == 0
     finally:
         asyncio.run(loader.aclose())
+
+
+def test_each_hostname_on_one_ip_gets_its_own_certificate_check(monkeypatch):
+    """A local HTTPS server with a throw-away CA holds a certificate for good.test only. Both names resolve to
+    it (one IP and port, as on a CDN): good.test is fetched, and evil.test, asked right after on the same
+    address, is refused for its certificate — not served over good.test's connection."""
+    import http.server
+    import ssl
+    import threading
+
+    import trustme
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("good.test").configure_cert(server_ctx)
+    png = png_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive on the server side: only the client can refuse to reuse
+
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.socket = server_ctx.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    _resolving_to(monkeypatch, ["127.0.0.1"])
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    limits = ImageLimits(**{**LIMITS.__dict__, "allowed_hosts": ("127.0.0.1",)})
+
+    async def fetch_both():
+        loader = ImageLoader(limits, ssl_context=client_ctx)
+        try:
+            good = await loader.load(f"https://good.test:{port}/a.png", 0)
+            with pytest.raises(APIError) as refused:
+                await loader.load(f"https://evil.test:{port}/a.png", 1)
+            again = await loader.load(f"https://good.test:{port}/b.png", 2)
+            return good, refused.value, again
+        finally:
+            await loader.aclose()
+
+    try:
+        good, refused, again = asyncio.run(fetch_both())
+    finally:
+        httpd.shutdown()
+    assert good.image.size == again.image.size == Image.open(io.BytesIO(png)).size
+    assert refused.status == 400 and refused.code == "image_fetch_failed"
