@@ -15,7 +15,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from experts.base import Expert, UnknownExpertError
-from experts.run import ExpertRunner, Observer
+from experts.run import ExpertRunner, Observer, QueueObserver
 
 GROUP = "lamina.experts"
 BUILTINS = ("ocr", "detection", "caption")
@@ -84,6 +84,8 @@ def create_runner(
     total_budget: float = 20.0,
     cache_size: int = 256,
     observer: Observer | None = None,
+    workers: int = 1,
+    queue_observer: QueueObserver | None = None,
 ) -> ExpertRunner:
     """What the server calls at startup: build the enabled experts and the runner that schedules them.
 
@@ -94,4 +96,5 @@ def create_runner(
     experts = create_experts(enabled, config)
     timeouts = {name: float(cfg["timeout"]) for name, cfg in config.items() if cfg and "timeout" in cfg}
     return ExpertRunner(experts, timeout=timeout, timeouts=timeouts, total_budget=total_budget,
-                        cache_size=cache_size, default=default, observer=observer)
+                        cache_size=cache_size, default=default, observer=observer, workers_per_expert=workers,
+                        queue_observer=queue_observer)

@@ -1,9 +1,11 @@
 """Concurrent, bounded execution of experts for one request; failures degrade, never fail the request.
 
-Each expert gets its own lane of daemon worker threads (one by default, which also serialises calls into
-models that are not re-entrant). A call that overruns its timeout is abandoned: the request goes on
-without it, a queued call is dropped, and a hung call occupies only its own expert's lane — it cannot
-starve the other experts, and since the threads are daemons it never blocks process exit.
+Each expert gets its own lane of daemon worker threads (`workers_per_expert`; the server's default comes from
+the cores; experts that are not re-entrant serialise themselves). An expert's timeout counts from the moment
+a worker starts its call, so waiting behind other requests' calls on a busy server does not drop it; the wait
+is bounded by the request's total budget and reported (`queue_observer`). A call that overruns is abandoned:
+the request goes on without it, a queued call is dropped, and a hung call occupies only its own expert's
+lane — it cannot starve the other experts, and since the threads are daemons it never blocks process exit.
 
 Per request: every expert runs under min(its timeout, what is left of the total budget); experts that
 consume others' results (`depends_on`) start when those finish. Successful results are cached in a bounded
@@ -29,6 +31,7 @@ from PIL import Image
 from experts.base import Expert, ExpertResult, Status, UnknownExpertError
 
 Observer = Callable[[str, float, Status], None]  # (expert name, seconds, status) -> None, e.g. Prometheus
+QueueObserver = Callable[[str, float], None]  # (expert name, seconds a call waited for a worker) -> None
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +55,23 @@ class _Lane:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._waiting = 0  # submitted, not yet picked up by a worker (cancelled ones included)
+        self._abandoned: set[concurrent.futures.Future] = set()  # running calls that overran their timeout
         self._lock = threading.Lock()
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+    @property
+    def wedged(self) -> bool:
+        """Every worker is busy with a call that overran its timeout: a new call would only wait."""
+        with self._lock:
+            return len(self._abandoned) >= self._workers
+
+    def abandon(self, future: concurrent.futures.Future) -> None:
+        """Nobody waits for this call any more: dropped if still queued, else counted until it ends."""
+        with self._lock:
+            if not future.cancel() and not future.done():
+                self._abandoned.add(future)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> tuple[concurrent.futures.Future, concurrent.futures.Future]:
+        """(result, started): `started` gets the time.monotonic() at which a worker began the call."""
         with self._lock:
             if self._waiting >= self._max_backlog:
                 raise LaneFullError(f"{self._waiting} calls already waiting; a previous call may be hung")
@@ -65,8 +82,9 @@ class _Lane:
                 for t in self._threads:
                     t.start()
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put((future, fn, args))
-        return future
+        started: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((future, started, fn, args))
+        return future, started
 
     def _serve(self) -> None:
         while True:
@@ -76,12 +94,17 @@ class _Lane:
             with self._lock:
                 self._waiting -= 1
             self._call(*item)
+            with self._lock:
+                self._abandoned.discard(item[0])
             item = None  # do not keep the last image alive while idle
 
     @staticmethod
-    def _call(future: concurrent.futures.Future, fn: Callable[..., Any], args: tuple) -> None:
+    def _call(future: concurrent.futures.Future, started: concurrent.futures.Future, fn: Callable[..., Any],
+              args: tuple) -> None:
         if not future.set_running_or_notify_cancel():
             return  # abandoned while queued
+        if started.set_running_or_notify_cancel():
+            started.set_result(time.monotonic())
         try:
             future.set_result(fn(*args))
         except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
@@ -138,6 +161,7 @@ class ExpertRunner:
         observer: Observer | None = None,
         workers_per_expert: int = 1,
         max_backlog: int = 16,
+        queue_observer: QueueObserver | None = None,
     ) -> None:
         self._experts: dict[str, Expert] = {}
         for e in experts:
@@ -151,6 +175,7 @@ class ExpertRunner:
         self.total_budget = float(total_budget)
         self.default = self.resolve(default) if default is not None else tuple(self._experts)
         self._observer = observer
+        self._queue_observer = queue_observer
         self.cache = _LruCache(cache_size)
         self._lanes = {n: _Lane(n, workers_per_expert, max_backlog) for n in self._experts}
 
@@ -264,22 +289,40 @@ class ExpertRunner:
         if timeout <= 0:
             return self._failed(name, 0.0, "timeout", "the total expert budget ran out before it could start")
         call = (expert.run_with, image, question, inputs) if deps else (expert.run, image, question)
-        t0 = time.perf_counter()
+        lane = self._lanes[name]
+        if lane.wedged:
+            return self._failed(name, 0.0, "timeout", "its workers are all busy with calls that overran the timeout")
         try:
-            future = self._lanes[name].submit(*call)
+            future, started = lane.submit(*call)
         except LaneFullError as e:
             return self._failed(name, 0.0, "timeout", str(e))
-        try:
-            result = await asyncio.wait_for(asyncio.wrap_future(future), timeout)
-        except TimeoutError:
-            future.cancel()  # dropped if still queued; a running call cannot be interrupted and is abandoned
-            return self._failed(name, time.perf_counter() - t0, "timeout", f"no result within {timeout:.2f} s")
+        queued = time.monotonic()
+        # asyncio.wait, not wait_for: 3.11's wait_for swallows a cancellation that races a completion
+        result_f, started_f = asyncio.wrap_future(future), asyncio.wrap_future(started)
+        try:  # waiting for a worker: bounded by the request's total budget, not by the expert's own timeout
+            await asyncio.wait((started_f, result_f), timeout=max(0.0, deadline - loop.time()),
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not started_f.done():
+                lane.abandon(future)
+                self._observe_queue(name, time.monotonic() - queued)
+                return self._failed(name, 0.0, "timeout", f"waited {time.monotonic() - queued:.2f} s for a "
+                                    "worker; the total expert budget ran out")
+            t0 = started_f.result()
+            self._observe_queue(name, t0 - queued)
+            ends = min(t0 + self._timeouts[name], deadline)  # loop.time() is time.monotonic(), the worker's clock
+            # the expert's timeout counts from the start of its work
+            await asyncio.wait((result_f,), timeout=max(0.0, ends - loop.time()))
         except asyncio.CancelledError:
-            future.cancel()
+            lane.abandon(future)
             raise
+        if not result_f.done():
+            lane.abandon(future)  # a running call cannot be interrupted
+            return self._failed(name, time.monotonic() - t0, "timeout", f"no result within {ends - t0:.2f} s")
+        try:
+            result = result_f.result()
         except Exception as e:  # noqa: BLE001 - an expert's failure never fails the request
-            return self._failed(name, time.perf_counter() - t0, "error", f"{type(e).__name__}: {e}")
-        seconds = time.perf_counter() - t0
+            return self._failed(name, time.monotonic() - t0, "error", f"{type(e).__name__}: {e}")
+        seconds = time.monotonic() - t0
         if not isinstance(result, ExpertResult):
             return self._failed(name, seconds, "error", f"returned {type(result).__name__}, not ExpertResult")
         result = dataclasses.replace(result, name=name, seconds=seconds, status="ok", error=None)
@@ -292,6 +335,14 @@ class ExpertRunner:
         log.warning("expert %s dropped (%s): %s", name, status, error)
         self._observe(name, seconds, status)
         return ExpertResult(name, "", (), seconds, status, error)
+
+    def _observe_queue(self, name: str, seconds: float) -> None:
+        if self._queue_observer is None:
+            return
+        try:
+            self._queue_observer(name, seconds)
+        except Exception:  # noqa: BLE001 - metrics must not break requests
+            log.exception("expert queue observer failed")
 
     def _observe(self, name: str, seconds: float, status: Status) -> None:
         if self._observer is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -243,8 +244,10 @@ class Runtime:
                 "generate_caption": service.caption_function(loop, s.caption_adapter, s.expert_timeout),
                 "source": f"LLaMA-Adapter {s.caption_adapter}",
             }
+        workers = s.expert_workers or max(1, (os.cpu_count() or 2) // 2)
         runner = create_runner(s.experts, config, timeout=s.expert_timeout, total_budget=s.expert_total_timeout,
-                               observer=self.metrics.expert_observer)
+                               observer=self.metrics.expert_observer, workers=workers,
+                               queue_observer=self.metrics.expert_queue_observer)
         for name, error in runner.warmup().items():
             if error:
                 log.warning("expert %s is unavailable: %s (requests go on without it)", name, error)

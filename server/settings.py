@@ -99,6 +99,7 @@ class Settings(BaseSettings):
         default_factory=lambda: list(DEFAULT_EXPERTS), description="experts run on images, comma-separated, or none")
     expert_timeout: float = Field(20.0, gt=0, description="seconds per expert before it is skipped")
     expert_total_timeout: float = Field(30.0, gt=0, description="seconds for all of a request's experts")
+    expert_workers: int = Field(0, ge=0, description="worker threads per expert; 0: half the cores (at least 1)")
     expert_budget: int = Field(384, ge=0, description="max prompt tokens of expert findings")
     caption_adapter: str = Field("CAPTION-7B", description="adapter the caption expert uses when loaded")
 

@@ -33,6 +33,8 @@ class Metrics:
                                ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.stage = Histogram("lamina:stage_latency_seconds", "Latency of each request stage", ["stage"],
                                buckets=LATENCY_BUCKETS, registry=r)
+        self.expert_queue = Histogram("lamina:expert_queue_time_seconds", "Time an expert call waited for a worker",
+                                      ["expert"], buckets=LATENCY_BUCKETS, registry=r)
         self.running = Gauge("lamina:num_requests_running", "Requests in the engine's batch", registry=r)
         self.waiting = Gauge("lamina:num_requests_waiting", "Admitted requests waiting for a slot", registry=r)
         self.kv_usage = Gauge("lamina:kv_cache_usage_perc", "KV-cache usage, 0..1", registry=r)
@@ -64,6 +66,9 @@ class Metrics:
     def expert_observer(self, name: str, seconds: float, status: str) -> None:
         if status != "cached":
             self.stage.labels(f"expert:{name}").observe(seconds)
+
+    def expert_queue_observer(self, name: str, seconds: float) -> None:
+        self.expert_queue.labels(name).observe(seconds)
 
     def bind_engine(self, stats: Callable[[], object]) -> None:
         self._engine_stats = stats

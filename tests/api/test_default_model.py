@@ -3,6 +3,7 @@ a question, a photo, SIGTERM. Also: a broken model path exits 1 with the loader'
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import signal
@@ -19,6 +20,19 @@ from tests.net import free_port
 IMAGES = Path(__file__).resolve().parents[1] / "data" / "images"
 LAMINA = str(Path(sys.executable).with_name("lamina"))
 
+
+
+def _variant(path: Path, i: int) -> str:
+    """The photo cropped a little differently each time, as base64 JPEG."""
+    import io
+
+    from PIL import Image
+
+    im = Image.open(path).convert("RGB")
+    w, h = im.size
+    buf = io.BytesIO()
+    im.crop((i * 4, 0, w - i * 4, h)).save(buf, "JPEG", quality=90)
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def clean_env() -> dict:
@@ -64,8 +78,26 @@ def test_lamina_serve_default_model_with_experts(tmp_path):
         assert set(experts) == {"ocr", "detection", "caption"}
         assert experts["detection"]["status"] == "ok" and "horse" in experts["detection"]["text"]
         assert "horse" in body["choices"][0]["message"]["content"].lower()  # grounded in what the experts saw
+        # 8 image requests at once (8 different images: no expert cache hits) all keep their experts
+        bursts = [_variant(IMAGES / "horses.jpg", i) for i in range(8)]
+
+        async def burst():
+            async with httpx.AsyncClient(timeout=120) as client:
+                return await asyncio.gather(*(client.post(f"{base}/v1/chat/completions", json={
+                    "model": model, "temperature": 0, "max_tokens": 4, "experts": ["ocr", "detection"],
+                    "messages": [{"role": "user", "content": [
+                        {"type": "text", "text": "What is in this photo?"},
+                        {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{b}"}}]}]})
+                    for b in bursts))
+
+        for r in asyncio.run(burst()):
+            assert r.status_code == 200, r.text
+            assert [(e["name"], e["status"]) for e in r.json()["experts"]] == [("ocr", "ok"), ("detection", "ok")]
         metrics = httpx.get(f"{base}/metrics").text
         assert 'stage="expert:detection"' in metrics
+        queued = [line for line in metrics.splitlines()
+                  if line.startswith('lamina:expert_queue_time_seconds_count{expert="ocr"}')]
+        assert queued and float(queued[0].split()[-1]) >= 9  # the photo above, then the 8 of the burst
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

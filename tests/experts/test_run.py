@@ -271,14 +271,33 @@ def test_warmup_reports_errors_per_expert():
 
 
 def test_a_hung_expert_backlog_is_bounded(image, hang):
-    runner = ExpertRunner([hang], timeout=0.05, max_backlog=2)
+    """Concurrent calls queue behind a running one up to `max_backlog`; more are refused at once."""
+    runner = ExpertRunner([hang], timeout=30, total_budget=0.3, max_backlog=2)
 
     async def go():
-        return [(await runner.run(image, f"img-{i}"))[0] for i in range(4)]
+        first = asyncio.ensure_future(runner.run(image, "img-0"))
+        await asyncio.to_thread(hang.started.wait, 5)  # the worker holds call 0; the next three queue or not
+        rest = await asyncio.gather(*(runner.run(image, f"img-{i}") for i in range(1, 4)))
+        return [r[0] for r in (await first, *rest)]
 
     results = asyncio.run(go())
     assert [r.status for r in results] == ["timeout"] * 4
-    assert "calls already waiting" in results[-1].error  # refused at once instead of queueing forever
+    assert sum("calls already waiting" in r.error for r in results) == 1  # refused instead of queueing forever
+
+
+def test_a_wedged_expert_refuses_at_once_instead_of_making_requests_wait(image, hang):
+    """Once every worker holds a call that overran its timeout, later requests skip the expert at once."""
+    runner = ExpertRunner([hang, Echo("a")], timeout=0.05, total_budget=20)
+
+    async def go():
+        return [await runner.run(image, f"img-{i}") for i in range(3)]
+
+    t0 = time.monotonic()
+    first, *later = asyncio.run(go())
+    assert first[0].status == "timeout" and "no result within" in first[0].error
+    for r in later:
+        assert r[0].status == "timeout" and "overran" in r[0].error and r[1].status == "ok"
+    assert time.monotonic() - t0 < 10  # not the 20 s budget per request
 
 
 def test_an_unreadable_image_degrades_every_expert(tmp_path):
@@ -287,3 +306,55 @@ def test_an_unreadable_image_degrades_every_expert(tmp_path):
     path.write_bytes(path.read_bytes()[:60])  # truncated: the header parses, the pixels do not
     results = asyncio.run(ExpertRunner([Echo("a")]).run(Image.open(path)))
     assert results[0].status == "error" and "image could not be read" in results[0].error
+
+
+def test_eight_concurrent_requests_keep_their_experts_on_one_worker():
+    """One worker, a 0.2 s expert, a 1 s timeout, 8 requests at once: the last call waits >= 1.4 s for the
+    worker. The timeout counts from the start of the work, so every request keeps its expert (counted from
+    submission, as before, the last ones timed out); the waits are reported to the queue observer."""
+    waits: list[float] = []
+    slow = Echo("slow", delay=0.2)
+    runner = ExpertRunner([slow], timeout=1.0, total_budget=30.0, cache_size=0, workers_per_expert=1,
+                          queue_observer=lambda name, seconds: waits.append(seconds))
+    images = [Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(8)]
+
+    async def burst():
+        return await asyncio.gather(*(runner.run(im, f"img{i}") for i, im in enumerate(images)))
+
+    results = asyncio.run(burst())
+    assert [r[0].status for r in results] == ["ok"] * 8, [r[0].error for r in results]
+    assert slow.calls == 8 and len(waits) == 8
+    assert max(waits) >= 7 * 0.2 - 0.05  # serial on one worker: the last waited for the seven before it
+    runner.close()
+
+
+def test_more_workers_run_an_expert_concurrently():
+    """Four workers: four calls meet at a barrier (which only opens when all four run at once)."""
+    barrier = threading.Barrier(4, timeout=20)
+
+    class Meet(Echo):
+        def run(self, image, question):
+            barrier.wait()
+            return super().run(image, question)
+
+    runner = ExpertRunner([Meet("meet")], timeout=30.0, cache_size=0, workers_per_expert=4)
+
+    async def burst():
+        return await asyncio.gather(*(runner.run(Image.new("RGB", (8, 8), (i, 0, 0)), f"k{i}") for i in range(4)))
+
+    assert [r[0].status for r in asyncio.run(burst())] == ["ok"] * 4
+    runner.close()
+
+
+def test_the_queue_wait_is_bounded_by_the_total_budget(image, hang):
+    runner = ExpertRunner([hang], timeout=30.0, total_budget=0.5, workers_per_expert=1)
+
+    async def two():
+        first = asyncio.ensure_future(runner.run(image, "a"))
+        await asyncio.sleep(0.05)
+        second = await runner.run(Image.new("RGB", (4, 4)), "b")
+        return second, await first
+
+    second, first = asyncio.run(two())
+    assert second[0].status == "timeout" and "for a worker" in second[0].error
+    assert first[0].status == "timeout"
