@@ -320,6 +320,7 @@ def create_app(settings: Settings | None = None, *, loaded=None, engine=None, ex
     app.state.runtime = rt
     errors.install(app, on_error=lambda status: rt.metrics.errors.labels(str(status)).inc())
     app.include_router(routes.api)
+    app.include_router(routes.tokens)
     app.include_router(routes.ops)
     app.include_router(ui.router)  # the chat page at / (no key needed: it holds no secret)
     if settings.cors_origins:

@@ -15,9 +15,11 @@ from server.api.schemas import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    DetokenizeRequest,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
 )
 from server.api.service import CompletionService
 
@@ -65,6 +67,7 @@ def get_service(request: Request) -> CompletionService:
 ServiceDep = Annotated[CompletionService, Depends(get_service)]
 
 api = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], tags=["OpenAI-compatible"])
+tokens = APIRouter(dependencies=[Depends(require_key)], tags=["tokenizer (vLLM's)"])
 ops = APIRouter(tags=["operations"])
 
 
@@ -97,6 +100,16 @@ async def list_models(service: ServiceDep) -> dict:
 async def get_model(model: str, service: ServiceDep) -> dict:
     service.resolve_model(model)
     return next(m for m in service.list_models()["data"] if m["id"] == model)
+
+
+@tokens.post("/tokenize", responses=ERRORS)
+async def tokenize(body: TokenizeRequest, service: ServiceDep) -> dict:
+    return await service.tokenize(body)
+
+
+@tokens.post("/detokenize", responses=ERRORS)
+async def detokenize(body: DetokenizeRequest, service: ServiceDep) -> dict:
+    return service.detokenize(body)
 
 
 @ops.get("/health", dependencies=[Depends(require_key_for_health)], summary="Liveness",

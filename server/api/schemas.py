@@ -303,6 +303,30 @@ class CompletionRequest(_Sampling):
         return self
 
 
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the model's template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = Field(True, description="with `prompt`: prepend BOS as a completion would")
+    add_generation_prompt: bool = Field(True, description="with `messages`: only true (the prompt a chat sends)")
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ParamError("prompt", "send exactly one of `prompt` and `messages`")
+        if self.messages is not None and not self.add_generation_prompt:
+            raise ParamError("add_generation_prompt", "only true is supported (the prompt a chat request sends)")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int] = Field(..., description="token ids")
+
+
 # ------------------------------------------------------------------------------ responses (for the docs)
 
 
@@ -370,6 +394,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    max_model_len: int = Field(description="tokens per sequence, prompt and completion together")
 
 
 class ModelList(BaseModel):

@@ -36,7 +36,7 @@ from server.api.errors import APIError, bad_request, error_body, to_api_error
 from server.api.images import ImageLoader, LoadedImage
 from server.api.metrics import Metrics
 from server.api.prompting import ChatInput, PromptBuilder, describe_findings, parse_messages
-from server.api.schemas import ChatCompletionRequest, CompletionRequest
+from server.api.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.api.streaming import SSEResponse, cancel_on_disconnect, sse, with_keepalive
 from server.engine.types import (
     ContextLengthError,
@@ -207,13 +207,37 @@ class CompletionService:
     def list_models(self) -> dict:
         owner = "lamina"
         return {"object": "list", "data": [
-            {"id": m, "object": "model", "created": self.created, "owned_by": owner} for m in self.model_ids]}
+            {"id": m, "object": "model", "created": self.created, "owned_by": owner,
+             "max_model_len": self.engine.max_context} for m in self.model_ids]}
 
     def resolve_model(self, model: str) -> str | None:
         if model not in self.model_ids:
             raise APIError(404, f"the model {model!r} does not exist; available: {', '.join(self.model_ids)}",
                            param="model", code="model_not_found")
         return model if self.adapters else None
+
+    # ---------------------------------------------------------------------------------- tokenizer
+    async def tokenize(self, req: TokenizeRequest) -> dict:
+        """The ids a completion (`prompt`) or a chat request (`messages`, through the template) would send."""
+        if req.model is not None:
+            self.resolve_model(req.model)
+        if req.messages is not None:
+            ids = await self._encode(self.builder.render(parse_messages(req.messages), None))
+        elif req.add_special_tokens:
+            ids = await self._encode(req.prompt)
+        else:
+            ids = self.engine.tokenizer.encode(req.prompt, bos=False)
+        body = {"count": len(ids), "max_model_len": self.engine.max_context, "tokens": ids}
+        if req.return_token_strs:
+            body["token_strs"] = [self.engine.tokenizer.token_text(i) for i in ids]
+        return body
+
+    def detokenize(self, req: DetokenizeRequest) -> dict:
+        if req.model is not None:
+            self.resolve_model(req.model)
+        if self.vocab_size and any(t < 0 or t >= self.vocab_size for t in req.tokens):
+            raise bad_request(f"token ids must be in 0..{self.vocab_size - 1}", "tokens")
+        return {"prompt": self.engine.tokenizer.decode(req.tokens)}
 
     # ---------------------------------------------------------------------------------- sampling
     def _sampling(self, req: ChatCompletionRequest | CompletionRequest, *, logprobs: bool, top: int) -> SamplingParams:

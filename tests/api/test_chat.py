@@ -322,3 +322,24 @@ def test_a_batch_gets_a_place_for_every_prompt_or_none(tiny):
         for _ in range(2):  # nothing leaked: a batch that fits still runs, twice
             ok = c.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b"], "max_tokens": 1})
             assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
+
+
+def test_tokenize_and_detokenize_match_what_requests_send(client):
+    """vLLM's shapes: the ids /tokenize gives are the ones a completion or chat request prefills."""
+    prompt = "the sea is here"  # within the tiny vocabulary: it round-trips
+    tok = client.post("/tokenize", json={"model": "tiny", "prompt": prompt, "return_token_strs": True}).json()
+    used = _completion(client, prompt).json()["usage"]["prompt_tokens"]
+    assert tok["count"] == len(tok["tokens"]) == used and len(tok["token_strs"]) == tok["count"]
+    assert tok["max_model_len"] == client.get("/v1/models").json()["data"][0]["max_model_len"] > 0
+    chat_tok = client.post("/tokenize", json={"messages": MSG}).json()
+    assert chat_tok["count"] == chat(client, max_tokens=1).json()["usage"]["prompt_tokens"]
+    plain = client.post("/tokenize", json={"prompt": prompt, "add_special_tokens": False}).json()
+    assert plain["count"] <= tok["count"]
+    assert client.post("/detokenize", json={"tokens": plain["tokens"]}).json() == {"prompt": prompt}
+    for body, param in (({"prompt": "x", "messages": MSG}, "prompt"), ({}, "prompt"),
+                        ({"messages": MSG, "add_generation_prompt": False}, "add_generation_prompt")):
+        r = client.post("/tokenize", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert client.post("/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
+    r = client.post("/detokenize", json={"tokens": [10**9]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
