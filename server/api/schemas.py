@@ -185,6 +185,8 @@ class _Sampling(_Strict):
     min_p: float | None = Field(None, ge=0, le=1, description="extension")
     repetition_penalty: float | None = Field(None, gt=0, le=10, description="extension; 1 = off")
     ignore_eos: bool = Field(False, description="extension: generate max tokens even past end-of-sequence")
+    min_tokens: int = Field(0, ge=0, description="extension (vLLM's): no stop token or stop string before this many")
+    stop_token_ids: list[int] | None = Field(None, max_length=64, description="extension (vLLM's): ids that end a choice")
 
     @field_validator("stop")
     @classmethod
@@ -206,6 +208,9 @@ class _Sampling(_Strict):
     def _stream_options(self) -> _Sampling:
         if self.stream_options is not None and not self.stream:
             raise ParamError("stream_options", "stream_options is only allowed with stream: true")
+        limit = getattr(self, "max_new_tokens", getattr(self, "max_tokens", None))  # chat | completions
+        if limit is not None and self.min_tokens > limit:
+            raise ParamError("min_tokens", f"min_tokens ({self.min_tokens}) is more than max_tokens ({limit})")
         return self
 
     @property

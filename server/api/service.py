@@ -248,6 +248,10 @@ class CompletionService:
                 raise bad_request(f"logit_bias token id {token} is outside the vocabulary (0..{self.vocab_size - 1})",
                                   "logit_bias")
             bias[token] = float(value)
+        for token in req.stop_token_ids or ():
+            if token < 0 or (self.vocab_size and token >= self.vocab_size):
+                raise bad_request(f"stop_token_ids: {token} is outside the vocabulary (0..{self.vocab_size - 1})",
+                                  "stop_token_ids")
         return SamplingParams(
             max_tokens=1,  # set once the prompt is final
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -260,6 +264,8 @@ class CompletionService:
             logit_bias=bias,
             seed=None if req.seed is None else req.seed % 2**63,
             stop=req.stop_list,
+            stop_token_ids=tuple(req.stop_token_ids or ()),
+            min_tokens=req.min_tokens,
             ignore_eos=req.ignore_eos,
             n=req.n,
             logprobs=logprobs,

@@ -131,7 +131,7 @@ class EngineCore:
         for i in range(p.n):
             seq = Sequence(request.request_id, i, list(request.prompt_ids), p.max_tokens, stop_ids, cache_key=key,
                            parent=seqs[0] if seqs else None)
-            state = SamplingState.create(p, request.prompt_ids, i)
+            state = SamplingState.create(p, request.prompt_ids, i, stop_ids)
             self.choices[seq] = _Choice(seq, request, adapter_id, state, IncrementalDetokenizer(self.tokenizer))
             seqs.append(seq)
         self.scheduler.add(seqs)
@@ -210,7 +210,7 @@ class EngineCore:
         reason = self.scheduler.append_token(seq, s.token_id)
         if reason != "stop":  # a stop token's text is never shown
             choice.text += choice.detok.push(s.token_id)
-        if p.stop:
+        if p.stop and len(choice.seq.output_ids) >= p.min_tokens:
             hit = min((i for i in (choice.text.find(x, max(0, choice.emitted - len(x))) for x in p.stop)
                        if i >= 0), default=-1)
             if hit >= 0:

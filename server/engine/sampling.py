@@ -32,18 +32,27 @@ class SamplingState:
     generator: torch.Generator
     prompt_ids: frozenset[int] = frozenset()
     output_counts: Counter = field(default_factory=Counter)
+    stop_ids: frozenset[int] = frozenset()  # masked until `params.min_tokens` tokens are out
+    generated: int = 0
 
     @staticmethod
-    def create(params: SamplingParams, prompt_ids, index: int = 0) -> SamplingState:
+    def create(params: SamplingParams, prompt_ids, index: int = 0, stop_ids: frozenset[int] = frozenset()
+               ) -> SamplingState:
         g = torch.Generator()
         if params.seed is None:
             g.seed()  # non-deterministic
         else:
             g.manual_seed((params.seed * 1_000_003 + index) & 0xFFFF_FFFF_FFFF)  # choices differ, reproducibly
-        return SamplingState(params, g, frozenset(prompt_ids))
+        return SamplingState(params, g, frozenset(prompt_ids), stop_ids=frozenset(stop_ids))
 
     def record(self, token_id: int) -> None:
         self.output_counts[token_id] += 1
+        self.generated += 1
+
+    @property
+    def holding_stops(self) -> bool:
+        """Still short of min_tokens: stop tokens are masked."""
+        return self.generated < self.params.min_tokens and bool(self.stop_ids)
 
 
 def validate_params(p: SamplingParams, vocab_size: int) -> None:
@@ -58,6 +67,7 @@ def validate_params(p: SamplingParams, vocab_size: int) -> None:
         (-2 <= p.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
         (-2 <= p.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
         (p.n >= 1, "n must be at least 1"),
+        (p.min_tokens >= 0, "min_tokens must be >= 0"),
         (0 <= p.top_logprobs <= 20, "top_logprobs must be in [0, 20]"),
         (all(0 <= int(t) < vocab_size for t in p.logit_bias), "logit_bias has token ids outside the vocabulary"),
         (all(0 <= int(t) < vocab_size for t in p.stop_token_ids), "stop_token_ids outside the vocabulary"),
@@ -85,6 +95,8 @@ def apply_penalties(logits: Tensor, state: SamplingState) -> Tensor:
     if p.logit_bias:
         ids = torch.tensor([int(t) for t in p.logit_bias])
         logits[ids] += torch.tensor([float(b) for b in p.logit_bias.values()], dtype=logits.dtype)
+    if state.holding_stops:
+        logits[torch.tensor(sorted(state.stop_ids))] = float("-inf")
     return logits
 
 
@@ -119,7 +131,8 @@ def sample(logits: Tensor, states: list[SamplingState]) -> list[Sampled]:
     for b, state in enumerate(states):
         p = state.params
         row = logits[b]
-        plain = p.repetition_penalty == 1.0 and not (p.frequency_penalty or p.presence_penalty or p.logit_bias)
+        plain = p.repetition_penalty == 1.0 and not (p.frequency_penalty or p.presence_penalty or p.logit_bias
+                                                      or state.holding_stops)
         token = sample_row(row if plain else apply_penalties(row, state), state)
         state.record(token)
         if p.logprobs or p.top_logprobs:

@@ -30,6 +30,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # the returned text never contains them
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0  # before this many output tokens, stop tokens are never sampled and stop strings not checked
     n: int = 1  # choices
     logprobs: bool = False
     top_logprobs: int = 0

@@ -228,6 +228,8 @@ def test_usage_reports_the_prefix_cache_hit(client):
     ({"model": "tiny"}, "messages"),
     ({"messages": MSG}, "model"),
     ({"model": "tiny", "messages": MSG, "max_tokens": 100000}, "messages"),
+    ({"model": "tiny", "messages": MSG, "max_tokens": 2, "min_tokens": 3}, "min_tokens"),
+    ({"model": "tiny", "messages": MSG, "stop_token_ids": [100000]}, "stop_token_ids"),
 ])
 def test_bad_parameters_are_refused_by_name(client, body, param):
     r = client.post("/v1/chat/completions", json=body)
@@ -235,6 +237,16 @@ def test_bad_parameters_are_refused_by_name(client, body, param):
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and err["param"] == param
     assert err["message"]
+
+
+def test_min_tokens_and_stop_token_ids(client):
+    first = _completion(client, "a cat", max_tokens=6)
+    ids = client.post("/tokenize", json={"prompt": first.json()["choices"][0]["text"],
+                                         "add_special_tokens": False}).json()["tokens"]
+    stopped = _completion(client, "a cat", max_tokens=6, stop_token_ids=ids[:1], ignore_eos=False).json()
+    assert stopped["usage"]["completion_tokens"] == 1 and stopped["choices"][0]["finish_reason"] == "stop"
+    held = _completion(client, "a cat", max_tokens=6, stop_token_ids=ids[:1], min_tokens=4).json()
+    assert held["usage"]["completion_tokens"] >= 4
 
 
 def test_neutral_values_of_unsupported_parameters_pass(client):

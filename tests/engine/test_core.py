@@ -133,3 +133,19 @@ def test_n_choices_prefill_the_prompt_once(plain):
     mixed = run(plain, [request("x", PROMPTS[0]), request("s", prompt, seeded), request("y", PROMPTS[1])],
                 prefill_chunk=5)["s"]
     assert [token_ids(alone, i) for i in range(3)] == [token_ids(mixed, i) for i in range(3)]
+
+
+def test_min_tokens_holds_back_stop_tokens_and_strings(plain):
+    """vLLM's min_tokens: no stop token is sampled and no stop string ends the choice before it."""
+    prompt = PROMPTS[0]
+    free = token_ids(run(plain, [request("f", prompt)])["f"])
+    stop_first = SamplingParams(max_tokens=8, temperature=0, stop_token_ids=(free[0],), ignore_eos=True)
+    assert token_ids(run(plain, [request("s", prompt, stop_first)])["s"]) == [free[0]]  # stops at once
+    held = SamplingParams(max_tokens=8, temperature=0, stop_token_ids=(free[0],), ignore_eos=True, min_tokens=4)
+    outs = run(plain, [request("m", prompt, held)])["m"]
+    ids = token_ids(outs)
+    assert len(ids) >= 4 and free[0] not in ids[:4]
+    assert outs[-1].finish_reason in ("stop", "length")
+    text = plain.tokenizer.decode(free)
+    stop_str = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, stop=(text[:1],), min_tokens=3)
+    assert len(token_ids(run(plain, [request("t", prompt, stop_str)])["t"])) >= 3
