@@ -337,20 +337,19 @@ class ExpertRunner:
         return ExpertResult(name, "", (), seconds, status, error)
 
     def _observe_queue(self, name: str, seconds: float) -> None:
-        if self._queue_observer is None:
-            return
-        try:
-            self._queue_observer(name, seconds)
-        except Exception:  # noqa: BLE001 - metrics must not break requests
-            log.exception("expert queue observer failed")
+        _notify(self._queue_observer, name, seconds)
 
     def _observe(self, name: str, seconds: float, status: Status) -> None:
-        if self._observer is None:
-            return
-        try:
-            self._observer(name, seconds, status)
-        except Exception:  # noqa: BLE001 - metrics must not break requests
-            log.exception("expert observer failed")
+        _notify(self._observer, name, seconds, status)
+
+
+def _notify(observer: Callable[..., None] | None, *args: Any) -> None:
+    if observer is None:
+        return
+    try:
+        observer(*args)
+    except Exception:  # noqa: BLE001 - metrics must not break requests
+        log.exception("expert observer failed")
 
 
 def _prepare(image: Image.Image, image_hash: str | None) -> str:

@@ -208,6 +208,10 @@ class _Sampling(_Strict):
     def _stream_options(self) -> _Sampling:
         if self.stream_options is not None and not self.stream:
             raise ParamError("stream_options", "stream_options is only allowed with stream: true")
+        return self
+
+    @model_validator(mode="after")
+    def _min_tokens(self) -> _Sampling:
         limit = getattr(self, "max_new_tokens", getattr(self, "max_tokens", None))  # chat | completions
         if limit is not None and self.min_tokens > limit:
             raise ParamError("min_tokens", f"min_tokens ({self.min_tokens}) is more than max_tokens ({limit})")

@@ -235,23 +235,20 @@ class CompletionService:
     def detokenize(self, req: DetokenizeRequest) -> dict:
         if req.model is not None:
             self.resolve_model(req.model)
-        if self.vocab_size and any(t < 0 or t >= self.vocab_size for t in req.tokens):
-            raise bad_request(f"token ids must be in 0..{self.vocab_size - 1}", "tokens")
+        self._check_ids(req.tokens, "tokens", "token id")
         return {"prompt": self.engine.tokenizer.decode(req.tokens)}
+
+    def _check_ids(self, ids, param: str, what: str) -> None:
+        """A 400 naming `param` unless every token id is in the vocabulary."""
+        bad = next((t for t in ids if t < 0 or (self.vocab_size and t >= self.vocab_size)), None)
+        if bad is not None:
+            raise bad_request(f"{what} {bad} is outside the vocabulary (0..{self.vocab_size - 1})", param)
 
     # ---------------------------------------------------------------------------------- sampling
     def _sampling(self, req: ChatCompletionRequest | CompletionRequest, *, logprobs: bool, top: int) -> SamplingParams:
-        bias = {}
-        for key, value in (req.logit_bias or {}).items():
-            token = int(key)
-            if self.vocab_size and token >= self.vocab_size:
-                raise bad_request(f"logit_bias token id {token} is outside the vocabulary (0..{self.vocab_size - 1})",
-                                  "logit_bias")
-            bias[token] = float(value)
-        for token in req.stop_token_ids or ():
-            if token < 0 or (self.vocab_size and token >= self.vocab_size):
-                raise bad_request(f"stop_token_ids: {token} is outside the vocabulary (0..{self.vocab_size - 1})",
-                                  "stop_token_ids")
+        bias = {int(key): float(value) for key, value in (req.logit_bias or {}).items()}
+        self._check_ids(bias, "logit_bias", "logit_bias token id")
+        self._check_ids(req.stop_token_ids or (), "stop_token_ids", "stop_token_ids: token id")
         return SamplingParams(
             max_tokens=1,  # set once the prompt is final
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -384,8 +381,7 @@ class CompletionService:
                 echo_text = prompt
             else:
                 ids = [int(t) for t in prompt]
-                if self.vocab_size and any(t < 0 or t >= self.vocab_size for t in ids):
-                    raise bad_request(f"prompt token ids must be in 0..{self.vocab_size - 1}", param)
+                self._check_ids(ids, param, "prompt token id")
                 echo_text = self.engine.tokenizer.decode(ids)
             if not ids:
                 raise bad_request("prompt must not be empty", param)
