@@ -40,6 +40,17 @@ constexpr int MT = 8;
 constexpr int MT = 3;
 #endif
 
+// f(std::integral_constant<int, mt>) for a tile of 1 <= mt <= MT rows: with the tile's size known at compile
+// time its loops unroll and the accumulators stay in registers (a run-time size spills them to the stack and
+// puts a store-to-load round trip into every vpdpbusd chain: ~2x slower at batch 1)
+template <int I = 1, typename F>
+inline void with_tile(int mt, F&& f) {
+  if constexpr (I < MT) {
+    if (mt != I) return with_tile<I + 1>(mt, f);
+  }
+  f(std::integral_constant<int, I>{});
+}
+
 // ------------------------------------------------------------------------------------------ 16 lanes
 #if defined(LAMINA_ISA_AVX512)
 struct I16 { __m512i v; };
@@ -183,21 +194,22 @@ inline void store_out(T* y, F16 a) {
   }
 }
 
-template <int BITS, bool AFFINE, bool BIG, typename S, typename T>
-void block_rows(const uint8_t* W, const S* scales, const S* mins, int32_t zero, const QuantX& xq, int64_t m0, int mt,
+template <int BITS, bool AFFINE, bool BIG, int TM, typename S, typename T>
+void block_rows(const uint8_t* W, const S* scales, const S* mins, int32_t zero, const QuantX& xq, int64_t m0,
                 int64_t K, int64_t G, T* y, int64_t N, int64_t rb) {
+  constexpr int mt = TM;
   // weight group g (G values: one scale per row) = G/16 activation groups h (16 values: one scale each)
   const int64_t ng = K / G, nh = G / AG, lines_per_h = AG * BITS / 32, na = K / AG;
-  F16 acc[MT];
+  F16 acc[TM];
   for (int t = 0; t < mt; ++t) acc[t] = fzero();
-  const int32_t* xq32[MT];
+  const int32_t* xq32[TM];
   for (int t = 0; t < mt; ++t) xq32[t] = reinterpret_cast<const int32_t*>(xq.q.data() + (m0 + t) * K);
   const uint8_t* line = W + rb * 16 * K * BITS / 8;
   for (int64_t g = 0; g < ng; ++g) {
-    F16 part[MT];
+    F16 part[TM];
     for (int t = 0; t < mt; ++t) part[t] = fzero();
     for (int64_t h = g * nh; h < (g + 1) * nh; ++h, line += lines_per_h * 64) {
-      I16 isum[MT];
+      I16 isum[TM];
       for (int t = 0; t < mt; ++t) isum[t] = izero();
       const int64_t x0 = h * AG / 4;  // first 4-byte activation word of the activation group
       for (int64_t j = 0; j < lines_per_h; ++j) {
@@ -238,8 +250,9 @@ void qmm_impl(const uint8_t* W, const S* scales, const S* mins, int32_t zero, co
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t rb = b0; rb < b1; ++rb)
       for (int64_t m0 = 0; m0 < M; m0 += MT)
-        block_rows<BITS, AFFINE, BIG, S, T>(W, scales, mins, zero, xq, m0, static_cast<int>(std::min<int64_t>(MT, M - m0)),
-                                         K, G, y, N, rb);
+        with_tile(static_cast<int>(std::min<int64_t>(MT, M - m0)), [&](auto tm) {
+          block_rows<BITS, AFFINE, BIG, decltype(tm)::value, S, T>(W, scales, mins, zero, xq, m0, K, G, y, N, rb);
+        });
   });
 }
 
@@ -464,11 +477,13 @@ at::Tensor forward_plain(const at::Tensor& h_in, const std::vector<at::Tensor>& 
 namespace {
 // bf16 weights (N/16, K/2, 16, 2): one 64-byte line holds one pair of input columns for 16 rows;
 // y[16 rows] += vdpbf16ps(line, broadcast(x[2p], x[2p+1])). Four accumulators over p mod 4, fp32.
-void bf16_block_rows(const uint16_t* W, const uint16_t* x, uint16_t* y, int64_t rb, int64_t m0, int mt, int64_t K, int64_t N) {
+template <int TM>
+void bf16_block_rows(const uint16_t* W, const uint16_t* x, uint16_t* y, int64_t rb, int64_t m0, int64_t K, int64_t N) {
+  constexpr int mt = TM;
   const int64_t P = K / 2;
   const char* base = reinterpret_cast<const char*>(W + rb * 16 * K);
-  __m512 acc[MT][2];
-  const int32_t* x32[MT];
+  __m512 acc[TM][2];
+  const int32_t* x32[TM];
   for (int t = 0; t < mt; ++t) {
     acc[t][0] = acc[t][1] = _mm512_setzero_ps();
     x32[t] = reinterpret_cast<const int32_t*>(x + (m0 + t) * K);
@@ -507,7 +522,8 @@ at::Tensor mm_bf16(const at::Tensor& x, const at::Tensor& packed) {
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t rb = b0; rb < b1; ++rb)
       for (int64_t m0 = 0; m0 < M; m0 += MT)
-        bf16_block_rows(W, xp, yp, rb, m0, static_cast<int>(std::min<int64_t>(MT, M - m0)), K, N);
+        with_tile(static_cast<int>(std::min<int64_t>(MT, M - m0)),
+                  [&](auto tm) { bf16_block_rows<decltype(tm)::value>(W, xp, yp, rb, m0, K, N); });
   });
   auto shape = x.sizes().vec();
   shape.back() = N;
