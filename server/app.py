@@ -32,6 +32,7 @@ from server.api.middleware import RequestContextMiddleware
 from server.api.prompting import PromptBuilder
 from server.api.service import CompletionService
 from server.engine.types import GenerateRequest, SamplingParams
+from server.memory import release_cuda_libraries
 from server.settings import Settings
 
 log = logging.getLogger("lamina.server")
@@ -213,6 +214,7 @@ class Runtime:
             service.experts = self.experts
             self._progress("warming up")
             await self._warm_up(service)
+            release_cuda_libraries()  # on a host without a GPU: the CUDA libraries' pages (~290 MB here)
             self.service = service
             self.status, self.detail = "ready", "ready"
             log.info("ready in %.1f s: serving %s", time.perf_counter() - t0, ", ".join(service.model_ids))
