@@ -2,6 +2,7 @@
 
     python benchmarks/engine_bench.py [--dtype bf16] [--requests 16] [--max-tokens 64] [--skip-llamacpp]
     python benchmarks/engine_bench.py --direct   # just our runner's decode loop, B=1 and B=16 (~30 s)
+    python benchmarks/engine_bench.py --direct --profile  # and where each step's time goes
     python benchmarks/engine_bench.py --compile  # our engine with compiled batch-1 decode (+~1.5 min warmup)
 
 Prints, per peer: decode tokens/s at batch 1; aggregate tokens/s with N requests arriving at staggered
@@ -117,7 +118,7 @@ def peer_ours(w: dict, dtype: str, compile_decode: bool = False) -> dict:
     return result
 
 
-def direct_decode(dtype: str, threads: int, compile_decode: bool, steps: int = 60) -> None:
+def direct_decode(dtype: str, threads: int, compile_decode: bool, steps: int = 60, profile: bool = False) -> None:
     """Model-runner decode loop without the engine (no scheduler, sampling, detokenizer): ms/step at B=1, 16."""
     import statistics
 
@@ -145,6 +146,38 @@ def direct_decode(dtype: str, threads: int, compile_decode: bool, steps: int = 6
         med = statistics.median(times[5:])
         print(f"direct decode B={B}: median {med * 1e3:.1f} ms/step = {B / med:.1f} tok/s "
               f"(best {min(times[5:]) * 1e3:.1f} ms)")
+        if profile:
+            profile_step(runner, slots, tokens, positions, steps)
+
+
+PHASES = ("norm", "qkv", "rope", "attend", "wo", "w13", "silu", "w2", "residual", "setup", "output head")
+GEMMS = ("qkv", "wo", "w13", "w2", "output head")
+
+
+def profile_step(runner, slots: list[int], tokens: list[int], positions: list[int], steps: int) -> None:
+    """Where a decode step's time goes: the fused kernel's phase timers (models/kernels profile_plain; the
+    output head is the final norm + the vocabulary projection) and the rest of `runner.decode` (Python, the
+    argmax here). Means over `steps` steps, so noise spikes count."""
+    from models import kernels
+
+    if runner.llama.fused is None:
+        print("profile: the model does not run the fused CPU forward; nothing to break down")
+        return
+    op = kernels.ops()
+    op.profile_plain(True)
+    t = time.perf_counter()
+    for _ in range(steps):
+        tokens = runner.decode(slots, tokens, positions).argmax(-1).tolist()
+        positions = [p + 1 for p in positions]
+    step = (time.perf_counter() - t) / steps
+    phases = dict(zip(PHASES, (v / steps for v in op.profile_plain(False)), strict=True))
+    rows = [*phases.items(), ("rest (Python, argmax)", step - sum(phases.values()))]
+    print(f"profile B={len(slots)}: {step * 1e3:.2f} ms/step (mean of {steps})")
+    for name, v in rows:
+        print(f"  {name:30s} {v * 1e3:6.2f} ms  {v / step:6.1%}")
+    weights = sum(phases[g] for g in GEMMS)
+    print(f"  weight products (incl. head)   {weights * 1e3:6.2f} ms  {weights / step:6.1%}; outside them "
+          f"{(step - weights) / step:.1%}")
 
 
 def hf_model(dtype: str):
@@ -351,7 +384,8 @@ def run_peer(name: str, args) -> dict | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"], help="our engine's weights")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="our activations (fp32: what `lamina serve` runs the quantized default model in)")
     ap.add_argument("--hf-dtype", choices=["fp32", "bf16"], help="HF's weights (default: the same as ours)")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -363,13 +397,14 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--compile", action="store_true", help="our engine with compile_decode (torch.compile, batch 1)")
     ap.add_argument("--direct", action="store_true", help="only our runner's decode loop at B=1 and B=16")
+    ap.add_argument("--profile", action="store_true", help="with --direct: where a decode step's time goes")
     ap.add_argument("--peer", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.hf_dtype = args.hf_dtype or args.dtype
     w = {**workload(args.requests, args.max_tokens, args.rate), "threads": args.threads}
     if args.direct:
-        direct_decode(args.dtype, args.threads, args.compile)
+        direct_decode(args.dtype, args.threads, args.compile, profile=args.profile)
         print(f"the model's GEMVs alone ({gemv_name()}, cold): {gemv_floor_ms(args.dtype, args.threads):.1f} ms")
         return
 

@@ -292,7 +292,7 @@ class Transformer(nn.Module):
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.embed_packed: Weight | None = None  # packed token embeddings (rows dequantized on lookup)
         self.output_packed: Weight | None = None  # packed output projection (the embeddings when tied)
-        self.fused = None  # (weights, meta, op) of the fused CPU forward, see `prepare_fused`
+        self.fused = None  # (packed embeddings or None, weights, meta, op) of the fused CPU forward, see `prepare_fused`
 
     def forward(
         self,
@@ -350,33 +350,41 @@ class Transformer(nn.Module):
         return logits[:, -1] if last_only else logits
 
     def _forward_fused(self, tokens, positions, cache: KVCache, rows, last_only: bool, logit_index) -> Tensor:
-        """The layers in one call of the fused CPU kernel (see `prepare_fused`); same result as `run` up to
-        fp32 rounding, and the same bits for a token however it is batched, chunked or cached."""
+        """Token ids to logits in one call of the fused CPU kernel (see `prepare_fused`); same result as `run`
+        up to fp32 rounding, and the same bits for a token however it is batched, chunked or cached."""
         B, T = tokens.shape
         a = self.args
-        h = self.embed(tokens).reshape(B * T, a.dim)
-        weights, meta, op = self.fused
-        h = op(h, weights, meta, list(cache.k), list(cache.v), rows, positions, a.n_heads, a.kv_heads, a.norm_eps,
-               a.rope_theta)
-        if logit_index is not None:
-            return linear(self.norm(h[logit_index][:, None], None), None, self.output_packed).float()[:, 0]
-        h = h.view(B, T, a.dim)
-        if last_only:
-            h = h[:, -1:, :]
-        logits = linear(self.norm(h, None), None, self.output_packed).float()
-        return logits[:, -1] if last_only else logits
+        emb, weights, meta, op = self.fused
+        h = None if emb is not None else self.embed(tokens).reshape(B * T, a.dim)
+        if logit_index is None:
+            index = torch.arange(B * T) if not last_only else torch.arange(T - 1, B * T, T)
+        else:
+            index = logit_index
+        logits = op(tokens.reshape(-1), h, weights, meta, list(cache.k), list(cache.v), rows, positions, index,
+                    a.n_heads, a.kv_heads, a.norm_eps, a.rope_theta)[:, : a.vocab_size]
+        if logit_index is None and not last_only:
+            return logits.view(B, T, -1)
+        return logits
 
     def prepare_fused(self) -> bool:
         """Uses the fused forward for this model when it can run it: a plain model (no adapters) on the CPU,
-        fp32 activations, every layer's [q;k;v], wo, [w1;w3], w2 quantized and unpadded, and a compiled
-        kernel variant. Returns whether it does. `fused = None` turns it off (the eager path, e.g. in tests)."""
+        fp32 activations, the output head and every layer's [q;k;v], wo, [w1;w3], w2 quantized and unpadded,
+        and a compiled kernel variant. Returns whether it does. `fused = None` turns it off (the eager path,
+        e.g. in tests)."""
         from models import kernels
 
         a = self.args
         self.fused = None
-        if a.n_adapters or self.dtype != torch.float32 or self.output_packed is None or kernels.isa() == "torch":
+        out = self.output_packed
+        if a.n_adapters or self.dtype != torch.float32 or not isinstance(out, quant.QuantWeight) \
+                or kernels.isa() == "torch":
             return False
-        weights, meta = [], []
+        emb = self.embed_packed if isinstance(self.embed_packed, quant.QuantWeight) else None
+        none = torch.empty(0)
+        weights = [none, none, none] if emb is None else [emb.qs, emb.scales, emb.mins if emb.mins is not None else none]
+        meta = [0, 0, 0, 0] if emb is None else [emb.bits, emb.group, emb.zero, int(emb.big)]
+        weights += [self.norm.weight[0].contiguous(), out.qs, out.scales, out.mins if out.mins is not None else none]
+        meta += [out.bits, out.group, out.zero, int(out.big)]
         for layer in self.layers:
             attn, ffn = layer.attention, layer.feed_forward
             mats = (attn.wqkv_packed, attn.wo.packed, ffn.w13_packed, ffn.w2.packed)
@@ -385,9 +393,9 @@ class Transformer(nn.Module):
             for norm, w in ((layer.attention_norm, mats[0]), (None, mats[1]), (layer.ffn_norm, mats[2]), (None, mats[3])):
                 if norm is not None:
                     weights.append(norm.weight[0].contiguous())
-                weights += [w.qs, w.scales, w.mins if w.mins is not None else torch.empty(0)]
+                weights += [w.qs, w.scales, w.mins if w.mins is not None else none]
                 meta += [w.bits, w.group, w.zero, int(w.big)]
-        self.fused = (weights, meta, kernels.ops().forward_plain)
+        self.fused = (emb, weights, meta, kernels.ops().forward_plain)
         return True
 
     @property

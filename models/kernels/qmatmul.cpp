@@ -21,6 +21,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -78,6 +79,18 @@ inline F16 loadf(const at::BFloat16* p) {
 inline F16 fset1(float c) { return {_mm512_set1_ps(c)}; }
 inline float hsum(F16 a) { return _mm512_reduce_add_ps(a.v); }
 inline void store(float* y, F16 a) { _mm512_storeu_ps(y, a.v); }
+inline F16 fadd(F16 a, F16 b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline F16 fmul(F16 a, F16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline F16 fdiv(F16 a, F16 b) { return {_mm512_div_ps(a.v, b.v)}; }
+inline F16 fmaxv(F16 a, F16 b) { return {_mm512_max_ps(a.v, b.v)}; }
+inline F16 fminv(F16 a, F16 b) { return {_mm512_min_ps(a.v, b.v)}; }
+inline F16 fround(F16 a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+inline F16 pow2i(F16 n) {  // 2^n for integral n in [-126, 127]
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127)), 23))};
+}
+inline float hmax(F16 a) { return _mm512_reduce_max_ps(a.v); }
+inline F16 fabsv(F16 a) { return {_mm512_abs_ps(a.v)}; }
+inline void store_i32(int32_t* y, F16 a) { _mm512_storeu_si512(y, _mm512_cvtps_epi32(a.v)); }
 #elif defined(LAMINA_ISA_AVX2)
 struct I16 { __m256i lo, hi; };
 struct F16 { __m256 lo, hi; };
@@ -142,9 +155,53 @@ inline float hsum(F16 a) {
   return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
 }
 inline void store(float* y, F16 a) { _mm256_storeu_ps(y, a.lo); _mm256_storeu_ps(y + 8, a.hi); }
+inline F16 fadd(F16 a, F16 b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+inline F16 fmul(F16 a, F16 b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+inline F16 fdiv(F16 a, F16 b) { return {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)}; }
+inline F16 fmaxv(F16 a, F16 b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+inline F16 fminv(F16 a, F16 b) { return {_mm256_min_ps(a.lo, b.lo), _mm256_min_ps(a.hi, b.hi)}; }
+inline F16 fround(F16 a) {
+  constexpr int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  return {_mm256_round_ps(a.lo, r), _mm256_round_ps(a.hi, r)};
+}
+inline __m256 pow2i8(__m256 n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+inline F16 pow2i(F16 n) { return {pow2i8(n.lo), pow2i8(n.hi)}; }
+inline float hmax(F16 a) {
+  const __m256 m = _mm256_max_ps(a.lo, a.hi);
+  const __m128 q = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  const __m128 h = _mm_max_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+inline F16 fabsv(F16 a) {
+  const __m256 m = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  return {_mm256_and_ps(a.lo, m), _mm256_and_ps(a.hi, m)};
+}
+inline void store_i32(int32_t* y, F16 a) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), _mm256_cvtps_epi32(a.lo));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + 8), _mm256_cvtps_epi32(a.hi));
+}
 #else
 #error "define LAMINA_ISA_AVX512 or LAMINA_ISA_AVX2"
 #endif
+
+// e^x for 16 floats (Cephes' expf: x = n·ln2 + r, |r| ≤ ln2/2, a degree-6 polynomial; relative error ~2e-7,
+// about 1 ulp, as std::exp). Inputs below -87.3 give ~1e-38 instead of a denormal; above 88.3, ~2e38.
+inline F16 fexp(F16 x) {
+  x = fminv(fmaxv(x, fset1(-87.33f)), fset1(88.37f));
+  const F16 n = fround(fmul(x, fset1(1.44269504088896341f)));
+  F16 r = fmaddv(n, fset1(-0.693359375f), x);
+  r = fmaddv(n, fset1(2.12194440e-4f), r);
+  F16 p = fset1(1.9875691500e-4f);
+  p = fmaddv(p, r, fset1(1.3981999507e-3f));
+  p = fmaddv(p, r, fset1(8.3334519073e-3f));
+  p = fmaddv(p, r, fset1(4.1665795894e-2f));
+  p = fmaddv(p, r, fset1(1.6666665459e-1f));
+  p = fmaddv(p, r, fset1(5.0000001201e-1f));
+  p = fmaddv(fmul(p, r), r, fadd(r, fset1(1.f)));
+  return fmul(p, pow2i(n));
+}
 
 // Activations quantized per group of AG = 16: codes (M, K) int8, scales d (M, K/16), code sums (M, K/16).
 // 16 rather than the weights' 32: on SmolLM2 (Q4_1) teacher-forced top-1 agreement with the fp32 path is
@@ -158,22 +215,37 @@ struct QuantX {
 
 template <typename T>
 QuantX quantize_x(const T* x, int64_t M, int64_t K) {
-  const int64_t ng = K / AG, G = AG;
+  const int64_t ng = K / AG;
   QuantX out{std::vector<int8_t>(M * K), std::vector<float>(M * ng), std::vector<int32_t>(M * ng)};
-  at::parallel_for(0, M * ng, 64, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) {
-      const T* xt = x + (i / ng) * K + (i % ng) * G;
-      int8_t* qs = out.q.data() + (i / ng) * K + (i % ng) * G;
-      float xs[AG];
-      for (int64_t k = 0; k < G; ++k) xs[k] = static_cast<float>(xt[k]);
-      float amax = 0.f;
-      for (int64_t k = 0; k < G; ++k) amax = std::fmax(amax, std::fabs(xs[k]));
-      const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+  // rows in parallel only when there are many: a decode row is ~1 µs of work, less than waking a thread
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t i = m0 * ng; i < m1 * ng; ++i) {
+      const T* xt = x + i * AG;
+      int8_t* qs = out.q.data() + i * AG;
       int32_t s = 0;
-      for (int64_t k = 0; k < G; ++k) {
-        const int32_t v = static_cast<int32_t>(std::nearbyint(xs[k] * id));
-        qs[k] = static_cast<int8_t>(v);
-        s += v;
+      float d;
+      if constexpr (std::is_same_v<T, float>) {  // the fused forward's activations: 16 at a time
+        const F16 v = loadf(xt);
+        d = hmax(fabsv(v)) / 127.f;
+        const float id = d > 0.f ? 1.f / d : 0.f;
+        int32_t q[AG];
+        store_i32(q, fround(fmul(v, fset1(id))));
+        for (int64_t k = 0; k < AG; ++k) {
+          qs[k] = static_cast<int8_t>(q[k]);
+          s += q[k];
+        }
+      } else {
+        float xs[AG];
+        for (int64_t k = 0; k < AG; ++k) xs[k] = static_cast<float>(xt[k]);
+        float amax = 0.f;
+        for (int64_t k = 0; k < AG; ++k) amax = std::max(amax, std::fabs(xs[k]));
+        d = amax / 127.f;
+        const float id = d > 0.f ? 1.f / d : 0.f;
+        for (int64_t k = 0; k < AG; ++k) {
+          const int32_t v = static_cast<int32_t>(std::nearbyint(xs[k] * id));
+          qs[k] = static_cast<int8_t>(v);
+          s += v;
+        }
       }
       out.d[i] = d;
       out.sum[i] = s;
@@ -336,6 +408,20 @@ at::Tensor qmm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scal
 // of 16 — prefill, decode, prefix-cache hits and batching all agree (the deterministic mode by construction).
 namespace {
 
+// Phase timers of forward_plain (off unless `profile_plain(true)`): wall seconds per phase, summed over calls.
+enum Phase { P_NORM, P_QKV, P_ROPE, P_ATTEND, P_WO, P_W13, P_SILU, P_W2, P_RESIDUAL, P_SETUP, P_HEAD, N_PHASES };
+bool g_profile = false;
+double g_phase[N_PHASES] = {};
+struct Clock {
+  std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
+  void lap(Phase p) {
+    if (!g_profile) return;
+    const auto now = std::chrono::steady_clock::now();
+    g_phase[p] += std::chrono::duration<double>(now - t).count();
+    t = now;
+  }
+};
+
 void rmsnorm(const float* h, const float* w, float* out, int64_t N, int64_t dim, float eps) {
   for (int64_t n = 0; n < N; ++n) {
     const float* x = h + n * dim;
@@ -346,11 +432,60 @@ void rmsnorm(const float* h, const float* w, float* out, int64_t N, int64_t dim,
   }
 }
 
+// Causal attention of query heads [g0, g1) of kv head kh for token n: its keys are cache positions 0..L-1.
+// A head's arithmetic does not depend on which other heads share the call (fixed order over keys and
+// dimensions), so how tasks are cut does not change a bit.
+template <typename C>
+void attend_heads(const float* qkv_n, int64_t kh, int64_t g0, int64_t g1, int64_t G, int64_t D, int64_t L,
+                  const C* kb, const C* vb, float scale, float* out_n, std::vector<float>& sc) {
+  constexpr int64_t MAXG = 16, MAXV = 16;  // query heads per kv head; head_dim / 16 (D ≤ 256)
+  const int64_t ng = g1 - g0, nv = D / 16, Lp = (L + 15) / 16 * 16;
+  sc.resize(ng * Lp);
+  F16 q[MAXG][MAXV];
+  for (int64_t g = 0; g < ng; ++g)
+    for (int64_t c = 0; c < nv; ++c) q[g][c] = loadf(qkv_n + (kh * G + g0 + g) * D + c * 16);
+  for (int64_t j = 0; j < L; ++j) {
+    F16 kr[MAXV];
+    for (int64_t c = 0; c < nv; ++c) kr[c] = loadf(kb + j * D + c * 16);
+    for (int64_t g = 0; g < ng; ++g) {
+      F16 acc = fmul(q[g][0], kr[0]);
+      for (int64_t c = 1; c < nv; ++c) acc = fmaddv(q[g][c], kr[c], acc);
+      sc[g * Lp + j] = hsum(acc) * scale;
+    }
+  }
+  F16 o[MAXG][MAXV];
+  for (int64_t g = 0; g < ng; ++g) {  // softmax over the L scores, 16 at a time (the padding counts as 0)
+    float* s_ = sc.data() + g * Lp;
+    for (int64_t j = L; j < Lp; ++j) s_[j] = -INFINITY;
+    F16 mx = fset1(-INFINITY);
+    for (int64_t j = 0; j < Lp; j += 16) mx = fmaxv(mx, loadf(s_ + j));
+    const F16 neg_m = fset1(-hmax(mx));
+    for (int64_t j = 0; j < Lp; j += 16) store(s_ + j, fexp(fadd(loadf(s_ + j), neg_m)));
+    for (int64_t j = L; j < Lp; ++j) s_[j] = 0.f;
+    F16 sum = fzero();
+    for (int64_t j = 0; j < Lp; j += 16) sum = fadd(sum, loadf(s_ + j));
+    const F16 inv = fset1(1.f / hsum(sum));
+    for (int64_t j = 0; j < Lp; j += 16) store(s_ + j, fmul(loadf(s_ + j), inv));
+    for (int64_t c = 0; c < nv; ++c) o[g][c] = fzero();
+  }
+  for (int64_t j = 0; j < L; ++j) {
+    F16 vr[MAXV];
+    for (int64_t c = 0; c < nv; ++c) vr[c] = loadf(vb + j * D + c * 16);
+    for (int64_t g = 0; g < ng; ++g) {
+      const F16 p = fset1(sc[g * Lp + j]);
+      for (int64_t c = 0; c < nv; ++c) o[g][c] = fmaddv(p, vr[c], o[g][c]);
+    }
+  }
+  for (int64_t g = 0; g < ng; ++g)
+    for (int64_t c = 0; c < nv; ++c) store(out_n + (kh * G + g0 + g) * D + c * 16, o[g][c]);
+}
+
 template <typename C>
 void attend(const float* qkv, int64_t N, int64_t T, int64_t H, int64_t KV, int64_t D, const int64_t* pos,
             const int64_t* rows, C* kc, C* vc, int64_t Lmax, float* out) {
   const int64_t G = H / KV, width = (H + 2 * KV) * D;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  TORCH_CHECK(G <= 16 && D % 16 == 0 && D / 16 <= 16, "fused attention: unsupported head layout");
   // every query of this forward reads keys written by this forward: write them all first
   for (int64_t n = 0; n < N; ++n) {
     const int64_t b = n / T, p = pos[n];
@@ -362,73 +497,97 @@ void attend(const float* qkv, int64_t N, int64_t T, int64_t H, int64_t KV, int64
       for (int64_t d = 0; d < D; ++d) { kd[d] = static_cast<C>(k[d]); vd[d] = static_cast<C>(v[d]); }
     }
   }
-  // one task per (token, kv head): its G query heads read each key and value row once, as 16-wide vectors
-  constexpr int64_t MAXG = 16, MAXV = 16;  // query heads per kv head; head_dim / 16 (D ≤ 256)
-  TORCH_CHECK(G <= MAXG && D % 16 == 0 && D / 16 <= MAXV, "fused attention: unsupported head layout");
-  at::parallel_for(0, N * KV, 1, [&](int64_t a, int64_t e) {
+  // a task per (token, kv head): its query heads read each key and value row once. With few tokens (decode
+  // of a small batch) that is too few tasks to keep the threads busy: then a task per query head.
+  const int64_t split = N * KV < 4 * at::get_num_threads() ? G : 1, tasks = N * KV * split;
+  at::parallel_for(0, tasks, 1, [&](int64_t a, int64_t e) {
     std::vector<float> sc;
     for (int64_t i = a; i < e; ++i) {
-      const int64_t n = i / KV, kh = i % KV, b = n / T, L = pos[n] + 1, nv = D / 16;
-      const C* kb = kc + (rows[b] * KV + kh) * Lmax * D;
-      const C* vb = vc + (rows[b] * KV + kh) * Lmax * D;
-      sc.resize(L * G);
-      F16 q[MAXG][MAXV];
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t c = 0; c < nv; ++c) q[g][c] = loadf(qkv + n * width + (kh * G + g) * D + c * 16);
-      for (int64_t j = 0; j < L; ++j) {
-        F16 kr[MAXV];
-        for (int64_t c = 0; c < nv; ++c) kr[c] = loadf(kb + j * D + c * 16);
-        for (int64_t g = 0; g < G; ++g) {
-          F16 acc = fzero();
-          for (int64_t c = 0; c < nv; ++c) acc = fmaddv(q[g][c], kr[c], acc);
-          sc[g * L + j] = hsum(acc) * scale;
-        }
-      }
-      F16 o[MAXG][MAXV];
-      for (int64_t g = 0; g < G; ++g) {
-        float mx = -INFINITY, sum = 0.f;
-        float* s_ = sc.data() + g * L;
-        for (int64_t j = 0; j < L; ++j) mx = std::fmax(mx, s_[j]);
-        for (int64_t j = 0; j < L; ++j) { s_[j] = std::exp(s_[j] - mx); sum += s_[j]; }
-        const float inv = 1.f / sum;
-        for (int64_t j = 0; j < L; ++j) s_[j] *= inv;
-        for (int64_t c = 0; c < nv; ++c) o[g][c] = fzero();
-      }
-      for (int64_t j = 0; j < L; ++j) {
-        F16 vr[MAXV];
-        for (int64_t c = 0; c < nv; ++c) vr[c] = loadf(vb + j * D + c * 16);
-        for (int64_t g = 0; g < G; ++g) {
-          const F16 p = fset1(sc[g * L + j]);
-          for (int64_t c = 0; c < nv; ++c) o[g][c] = fmaddv(p, vr[c], o[g][c]);
-        }
-      }
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t c = 0; c < nv; ++c) store(out + n * H * D + (kh * G + g) * D + c * 16, o[g][c]);
+      const int64_t n = i / (KV * split), kh = i / split % KV, part = i % split, b = n / T;
+      const int64_t g0 = part * G / split, g1 = (part + 1) * G / split;
+      attend_heads(qkv + n * width, kh, g0, g1, G, D, pos[n] + 1, kc + (rows[b] * KV + kh) * Lmax * D,
+                   vc + (rows[b] * KV + kh) * Lmax * D, scale, out + n * H * D, sc);
     }
   });
 }
 
+
+// Dequantized rows `ids` of a packed weight (the token embeddings): (N, K) fp32, as QuantWeight.rows does.
+void embed_rows(const QW& w, int64_t K, const int64_t* ids, int64_t N, float* out) {
+  const int64_t lines = K * w.bits / 32, ng = K / w.group;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t b = ids[n] / 16, lane = ids[n] % 16;
+    const uint8_t* blk = w.qs + b * lines * 64 + lane * 4;
+    float* y = out + n * K;
+    for (int64_t j = 0; j < lines; ++j) {
+      const uint8_t* p = blk + j * 64;
+      for (int i = 0; i < 4; ++i) {
+        if (w.bits == 8) {
+          y[4 * j + i] = p[i];
+        } else {
+          y[8 * j + i] = p[i] & 15;
+          y[8 * j + 4 + i] = p[i] >> 4;
+        }
+      }
+    }
+    for (int64_t g = 0; g < ng; ++g) {
+      const int64_t at = (b * ng + g) * 16 + lane;
+      const float d = w.half_scales ? static_cast<float>(static_cast<const at::Half*>(w.scales)[at])
+                                    : static_cast<const float*>(w.scales)[at];
+      float* yg = y + g * w.group;
+      if (w.mins == nullptr) {
+        for (int64_t k = 0; k < w.group; ++k) yg[k] = (yg[k] - static_cast<float>(w.zero)) * d;
+      } else {
+        const float m = w.half_scales ? static_cast<float>(static_cast<const at::Half*>(w.mins)[at])
+                                      : static_cast<const float*>(w.mins)[at];
+        for (int64_t k = 0; k < w.group; ++k) yg[k] = yg[k] * d + m;
+      }
+    }
+  }
+}
+
 }  // namespace
 
-// h (N, dim) fp32 → h after every layer (a new tensor). weights: per layer [attn_norm, qkv codes, scales, mins,
-// wo codes, scales, mins, ffn_norm, w13 codes, scales, mins, w2 codes, scales, mins]; meta: per layer 4 × (bits,
-// group, zero, big); k_cache/v_cache: per layer (S, KV, Lmax, D) fp32 or bf16; rows (B,), positions (B, T).
-at::Tensor forward_plain(const at::Tensor& h_in, const std::vector<at::Tensor>& weights, const std::vector<int64_t>& meta,
+// A plain Llama model (no adapters) from token ids to logits in one call: the embedding lookup, every layer,
+// the final norm and the output head, over quantized weights and fp32 activations.
+// tokens (N,) with N = B·T; h: the embedded tokens (N, dim) fp32 when the embeddings are not packed (then
+// weights[0..2] are empty); weights: [embed codes, scales, mins, final norm, output codes, scales, mins] then
+// per layer [attn_norm, qkv codes, scales, mins, wo codes, scales, mins, ffn_norm, w13 codes, scales, mins, w2
+// codes, scales, mins]; meta: 2 × (bits, group, zero, big) for the embeddings and the output, then per layer
+// 4 × the same; k_cache/v_cache: per layer (S, KV, Lmax, D) fp32 or bf16; rows (B,), positions (B, T);
+// logit_index (M,): the flat token indices whose logits are returned, (M, vocab rounded up to 16) fp32.
+at::Tensor forward_plain(const at::Tensor& tokens, const c10::optional<at::Tensor>& h_in,
+                         const std::vector<at::Tensor>& weights, const std::vector<int64_t>& meta,
                          const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache,
-                         const at::Tensor& rows, const at::Tensor& positions, int64_t n_heads, int64_t n_kv_heads,
-                         double eps, double theta) {
+                         const at::Tensor& rows, const at::Tensor& positions, const at::Tensor& logit_index,
+                         int64_t n_heads, int64_t n_kv_heads, double eps, double theta) {
+  Clock clock;
   const int64_t L = static_cast<int64_t>(k_cache.size());
-  TORCH_CHECK(weights.size() == static_cast<size_t>(L) * 14 && meta.size() == static_cast<size_t>(L) * 16,
+  TORCH_CHECK(weights.size() == 7 + static_cast<size_t>(L) * 14 && meta.size() == 8 + static_cast<size_t>(L) * 16,
               "forward_plain: weights/meta do not match the layers");
-  TORCH_CHECK(h_in.scalar_type() == at::kFloat && h_in.dim() == 2, "forward_plain: h must be (N, dim) fp32");
-  at::Tensor h = h_in.contiguous().clone();
-  const int64_t N = h.size(0), dim = h.size(1), H = n_heads, KV = n_kv_heads, D = k_cache[0].size(3);
+  const int64_t N = tokens.numel(), dim = weights[3].numel(), H = n_heads, KV = n_kv_heads, D = k_cache[0].size(3);
   const int64_t B = rows.size(0), T = positions.size(1), Lmax = k_cache[0].size(2), width = (H + 2 * KV) * D;
-  TORCH_CHECK(B * T == N && positions.size(0) == B, "forward_plain: rows/positions do not match h");
-  at::Tensor rows_c = rows.to(at::kLong).contiguous(), pos_c = positions.to(at::kLong).contiguous();
+  TORCH_CHECK(B * T == N && positions.size(0) == B, "forward_plain: rows/positions do not match the tokens");
+  at::Tensor ids_c = tokens.to(at::kLong).contiguous(), rows_c = rows.to(at::kLong).contiguous();
+  at::Tensor pos_c = positions.to(at::kLong).contiguous(), want_c = logit_index.to(at::kLong).contiguous();
   const int64_t* rw = rows_c.data_ptr<int64_t>();
   const int64_t* ps = pos_c.data_ptr<int64_t>();
-  const int64_t hidden = weights[8].size(0) * 16 / 2;
+  const int64_t* want = want_c.data_ptr<int64_t>();
+  const int64_t M = want_c.numel();
+  for (int64_t i = 0; i < M; ++i) TORCH_CHECK(want[i] >= 0 && want[i] < N, "forward_plain: logit_index out of range");
+  at::Tensor h = at::empty({N, dim}, tokens.options().dtype(at::kFloat));
+  float* hp = h.data_ptr<float>();
+  if (h_in.has_value()) {
+    TORCH_CHECK(h_in->scalar_type() == at::kFloat && h_in->numel() == N * dim, "forward_plain: h must be (N, dim) fp32");
+    h.copy_(h_in->reshape({N, dim}));
+  } else {
+    TORCH_CHECK(weights[0].numel() > 0, "forward_plain: no packed embeddings and no h");
+    const QW emb = qw_from(weights, 0, meta, 0);
+    const int64_t* ids = ids_c.data_ptr<int64_t>();
+    for (int64_t n = 0; n < N; ++n) TORCH_CHECK(ids[n] >= 0 && ids[n] < emb.n, "forward_plain: token id ", ids[n], " out of range");
+    embed_rows(emb, dim, ids, N, hp);
+  }
+  const int64_t hidden = weights[7 + 8].size(0) * 16 / 2;
   std::vector<float> x(N * dim), qkv(N * width), att(N * H * D), tmp(N * dim), gu(N * 2 * hidden), act(N * hidden);
   // RoPE tables for the positions of this forward: (N, D/2) cos/sin, computed as the eager model does
   std::vector<float> cs(N * (D / 2)), sn(N * (D / 2));
@@ -439,12 +598,14 @@ at::Tensor forward_plain(const at::Tensor& h_in, const std::vector<at::Tensor>& 
       cs[n * (D / 2) + i] = std::cos(ang);
       sn[n * (D / 2) + i] = std::sin(ang);
     }
-  float* hp = h.data_ptr<float>();
+  clock.lap(P_SETUP);
   for (int64_t l = 0; l < L; ++l) {
     const auto& w = weights;
-    const size_t o = l * 14, m = l * 16;
+    const size_t o = 7 + l * 14, m = 8 + l * 16;
     rmsnorm(hp, w[o].data_ptr<float>(), x.data(), N, dim, static_cast<float>(eps));
+    clock.lap(P_NORM);
     qmm_into(qw_from(w, o + 1, meta, m), x.data(), N, dim, qkv.data());
+    clock.lap(P_QKV);
     for (int64_t n = 0; n < N; ++n)  // RoPE on the q and k heads
       for (int64_t hh = 0; hh < H + KV; ++hh) {
         float* v = qkv.data() + n * width + hh * D;
@@ -454,23 +615,50 @@ at::Tensor forward_plain(const at::Tensor& h_in, const std::vector<at::Tensor>& 
           v[2 * i + 1] = a * s2 + b * c;
         }
       }
+    clock.lap(P_ROPE);
     if (k_cache[l].scalar_type() == at::kBFloat16)
       attend(qkv.data(), N, T, H, KV, D, ps, rw, k_cache[l].data_ptr<at::BFloat16>(), v_cache[l].data_ptr<at::BFloat16>(), Lmax, att.data());
     else
       attend(qkv.data(), N, T, H, KV, D, ps, rw, k_cache[l].data_ptr<float>(), v_cache[l].data_ptr<float>(), Lmax, att.data());
+    clock.lap(P_ATTEND);
     qmm_into(qw_from(w, o + 4, meta, m + 4), att.data(), N, H * D, tmp.data());
+    clock.lap(P_WO);
     for (int64_t i = 0; i < N * dim; ++i) hp[i] += tmp[i];
+    clock.lap(P_RESIDUAL);
     rmsnorm(hp, w[o + 7].data_ptr<float>(), x.data(), N, dim, static_cast<float>(eps));
+    clock.lap(P_NORM);
     qmm_into(qw_from(w, o + 8, meta, m + 8), x.data(), N, dim, gu.data());
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t i = 0; i < hidden; ++i) {
-        const float g = gu[n * 2 * hidden + i], u = gu[n * 2 * hidden + hidden + i];
-        act[n * hidden + i] = g / (1.f + std::exp(-g)) * u;
+    clock.lap(P_W13);
+    TORCH_CHECK(hidden % 16 == 0, "forward_plain: the hidden size must be a multiple of 16");
+    for (int64_t n = 0; n < N; ++n)  // SiLU(gate) · up, 16 at a time
+      for (int64_t i = 0; i < hidden; i += 16) {
+        const F16 g = loadf(gu.data() + n * 2 * hidden + i), u = loadf(gu.data() + n * 2 * hidden + hidden + i);
+        store(act.data() + n * hidden + i, fmul(fdiv(g, fadd(fset1(1.f), fexp(fmul(g, fset1(-1.f))))), u));
       }
+    clock.lap(P_SILU);
     qmm_into(qw_from(w, o + 11, meta, m + 12), act.data(), N, hidden, tmp.data());
+    clock.lap(P_W2);
     for (int64_t i = 0; i < N * dim; ++i) hp[i] += tmp[i];
+    clock.lap(P_RESIDUAL);
   }
-  return h;
+  // the final norm and the output head, for the rows that sample only
+  std::vector<float> sel(M * dim), normed(M * dim);
+  for (int64_t i = 0; i < M; ++i) std::copy(hp + want[i] * dim, hp + (want[i] + 1) * dim, sel.data() + i * dim);
+  rmsnorm(sel.data(), weights[3].data_ptr<float>(), normed.data(), M, dim, static_cast<float>(eps));
+  const QW out = qw_from(weights, 4, meta, 4);
+  at::Tensor logits = at::empty({M, out.n}, h.options());
+  qmm_into(out, normed.data(), M, dim, logits.data_ptr<float>());
+  clock.lap(P_HEAD);
+  return logits;
+}
+
+// The phase timers' sums since the last call (seconds: norm, qkv, rope, attend, wo, w13, silu, w2, residual,
+// setup, head), reset; `enable` turns them on or off from now.
+std::vector<double> profile_plain(bool enable) {
+  std::vector<double> out(g_phase, g_phase + N_PHASES);
+  for (double& v : g_phase) v = 0.0;
+  g_profile = enable;
+  return out;
 }
 
 #if defined(LAMINA_ISA_AVX512) && defined(__AVX512BF16__)
@@ -534,8 +722,9 @@ at::Tensor mm_bf16(const at::Tensor& x, const at::Tensor& packed) {
 
 TORCH_LIBRARY(LAMINA_NS, m) {
   m.def("qmm(Tensor x, Tensor qs, Tensor scales, Tensor? mins, int bits, int group, int zero, bool big) -> Tensor");
-  m.def("forward_plain(Tensor h, Tensor[] weights, int[] meta, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, Tensor rows, "
-        "Tensor positions, int n_heads, int n_kv_heads, float eps, float theta) -> Tensor");
+  m.def("forward_plain(Tensor tokens, Tensor? h, Tensor[] weights, int[] meta, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, "
+        "Tensor rows, Tensor positions, Tensor logit_index, int n_heads, int n_kv_heads, float eps, float theta) -> Tensor");
+  m.def("profile_plain(bool enable) -> float[]", &profile_plain);
 #ifdef LAMINA_HAS_BF16
   m.def("mm_bf16(Tensor x, Tensor packed) -> Tensor");
 #endif
