@@ -41,6 +41,13 @@ constexpr int MT = 8;
 constexpr int MT = 3;
 #endif
 
+// weight bytes read ahead of use: with the hardware prefetcher alone the weights streamed at 10-14 GB/s here;
+// reading 2 KB ahead made a default-model decode step 13% faster (1 KB: 7%; 4 and 8 KB: as 2 KB)
+#ifndef LAMINA_PREFETCH
+#define LAMINA_PREFETCH 2048
+#endif
+constexpr int PREFETCH = LAMINA_PREFETCH;
+
 // f(std::integral_constant<int, mt>) for a tile of 1 <= mt <= MT rows: with the tile's size known at compile
 // time its loops unroll and the accumulators stay in registers (a run-time size spills them to the stack and
 // puts a store-to-load round trip into every vpdpbusd chain: ~2x slower at batch 1)
@@ -285,6 +292,7 @@ void block_rows(const uint8_t* W, const S* scales, const S* mins, int32_t zero, 
       for (int t = 0; t < mt; ++t) isum[t] = izero();
       const int64_t x0 = h * AG / 4;  // first 4-byte activation word of the activation group
       for (int64_t j = 0; j < lines_per_h; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(line + j * 64) + PREFETCH, _MM_HINT_T0);
         I16 w = load_line(line + j * 64);
         if constexpr (BITS == 8) {
           for (int t = 0; t < mt; ++t) dp<BIG>(isum[t], w, xq32[t][x0 + j]);
@@ -444,7 +452,10 @@ void attend_heads(const float* qkv_n, int64_t kh, int64_t g0, int64_t g1, int64_
   F16 q[MAXG][MAXV];
   for (int64_t g = 0; g < ng; ++g)
     for (int64_t c = 0; c < nv; ++c) q[g][c] = loadf(qkv_n + (kh * G + g0 + g) * D + c * 16);
+  constexpr int64_t AHEAD = 16;  // cache rows read ahead of use (they come from memory: the weights evict them)
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(C));
   for (int64_t j = 0; j < L; ++j) {
+    for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(kb + (j + AHEAD) * D) + b, _MM_HINT_T0);
     F16 kr[MAXV];
     for (int64_t c = 0; c < nv; ++c) kr[c] = loadf(kb + j * D + c * 16);
     for (int64_t g = 0; g < ng; ++g) {
@@ -469,6 +480,7 @@ void attend_heads(const float* qkv_n, int64_t kh, int64_t g0, int64_t g1, int64_
     for (int64_t c = 0; c < nv; ++c) o[g][c] = fzero();
   }
   for (int64_t j = 0; j < L; ++j) {
+    for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(vb + (j + AHEAD) * D) + b, _MM_HINT_T0);
     F16 vr[MAXV];
     for (int64_t c = 0; c < nv; ++c) vr[c] = loadf(vb + j * D + c * 16);
     for (int64_t g = 0; g < ng; ++g) {
