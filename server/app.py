@@ -193,6 +193,7 @@ class Runtime:
 
     async def _startup(self) -> None:
         t0 = time.perf_counter()
+        release_cuda_libraries()  # before loading too, so that they do not add to the peak
         try:
             if self.engine is None:
                 # the engine thread loads the weights itself: torch runs faster on the thread that loaded them
@@ -214,7 +215,7 @@ class Runtime:
             service.experts = self.experts
             self._progress("warming up")
             await self._warm_up(service)
-            release_cuda_libraries()  # on a host without a GPU: the CUDA libraries' pages (~290 MB here)
+            release_cuda_libraries()  # and what loading and warm-up faulted back in
             self.service = service
             self.status, self.detail = "ready", "ready"
             log.info("ready in %.1f s: serving %s", time.perf_counter() - t0, ", ".join(service.model_ids))
