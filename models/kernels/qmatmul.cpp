@@ -21,6 +21,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -440,56 +441,57 @@ void rmsnorm(const float* h, const float* w, float* out, int64_t N, int64_t dim,
   }
 }
 
-// Causal attention of query heads [g0, g1) of kv head kh for token n: its keys are cache positions 0..L-1.
-// A head's arithmetic does not depend on which other heads share the call (fixed order over keys and
-// dimensions), so how tasks are cut does not change a bit.
+// Attention of the G query heads of one kv head over one chunk of keys (cache positions j0 .. j0+L-1): per
+// head the chunk's max score m, sum of exp(score - m) l, and o = Σ exp(score - m)·v (not yet divided by l).
+// The chunks are fixed blocks of positions (see `attend`), so a token's arithmetic never depends on what else
+// is in the forward.
 template <typename C>
-void attend_heads(const float* qkv_n, int64_t kh, int64_t g0, int64_t g1, int64_t G, int64_t D, int64_t L,
-                  const C* kb, const C* vb, float scale, float* out_n, std::vector<float>& sc) {
+void attend_chunk(const float* qkv_n, int64_t kh, int64_t G, int64_t D, int64_t L, const C* kb, const C* vb,
+                  float scale, float* m_out, float* l_out, float* o_out, std::vector<float>& sc) {
   constexpr int64_t MAXG = 16, MAXV = 16;  // query heads per kv head; head_dim / 16 (D ≤ 256)
-  const int64_t ng = g1 - g0, nv = D / 16, Lp = (L + 15) / 16 * 16;
-  sc.resize(ng * Lp);
+  const int64_t nv = D / 16, Lp = (L + 15) / 16 * 16;
+  sc.resize(G * Lp);
   F16 q[MAXG][MAXV];
-  for (int64_t g = 0; g < ng; ++g)
-    for (int64_t c = 0; c < nv; ++c) q[g][c] = loadf(qkv_n + (kh * G + g0 + g) * D + c * 16);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < nv; ++c) q[g][c] = loadf(qkv_n + (kh * G + g) * D + c * 16);
   constexpr int64_t AHEAD = 16;  // cache rows read ahead of use (they come from memory: the weights evict them)
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(C));
   for (int64_t j = 0; j < L; ++j) {
     for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(kb + (j + AHEAD) * D) + b, _MM_HINT_T0);
     F16 kr[MAXV];
     for (int64_t c = 0; c < nv; ++c) kr[c] = loadf(kb + j * D + c * 16);
-    for (int64_t g = 0; g < ng; ++g) {
+    for (int64_t g = 0; g < G; ++g) {
       F16 acc = fmul(q[g][0], kr[0]);
       for (int64_t c = 1; c < nv; ++c) acc = fmaddv(q[g][c], kr[c], acc);
       sc[g * Lp + j] = hsum(acc) * scale;
     }
   }
   F16 o[MAXG][MAXV];
-  for (int64_t g = 0; g < ng; ++g) {  // softmax over the L scores, 16 at a time (the padding counts as 0)
+  for (int64_t g = 0; g < G; ++g) {  // exp(score - max), 16 at a time (the padding counts as 0)
     float* s_ = sc.data() + g * Lp;
     for (int64_t j = L; j < Lp; ++j) s_[j] = -INFINITY;
     F16 mx = fset1(-INFINITY);
     for (int64_t j = 0; j < Lp; j += 16) mx = fmaxv(mx, loadf(s_ + j));
-    const F16 neg_m = fset1(-hmax(mx));
+    m_out[g] = hmax(mx);
+    const F16 neg_m = fset1(-m_out[g]);
     for (int64_t j = 0; j < Lp; j += 16) store(s_ + j, fexp(fadd(loadf(s_ + j), neg_m)));
     for (int64_t j = L; j < Lp; ++j) s_[j] = 0.f;
     F16 sum = fzero();
     for (int64_t j = 0; j < Lp; j += 16) sum = fadd(sum, loadf(s_ + j));
-    const F16 inv = fset1(1.f / hsum(sum));
-    for (int64_t j = 0; j < Lp; j += 16) store(s_ + j, fmul(loadf(s_ + j), inv));
+    l_out[g] = hsum(sum);
     for (int64_t c = 0; c < nv; ++c) o[g][c] = fzero();
   }
   for (int64_t j = 0; j < L; ++j) {
     for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(vb + (j + AHEAD) * D) + b, _MM_HINT_T0);
     F16 vr[MAXV];
     for (int64_t c = 0; c < nv; ++c) vr[c] = loadf(vb + j * D + c * 16);
-    for (int64_t g = 0; g < ng; ++g) {
+    for (int64_t g = 0; g < G; ++g) {
       const F16 p = fset1(sc[g * Lp + j]);
       for (int64_t c = 0; c < nv; ++c) o[g][c] = fmaddv(p, vr[c], o[g][c]);
     }
   }
-  for (int64_t g = 0; g < ng; ++g)
-    for (int64_t c = 0; c < nv; ++c) store(out_n + (kh * G + g0 + g) * D + c * 16, o[g][c]);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < nv; ++c) store(o_out + g * D + c * 16, o[g][c]);
 }
 
 template <typename C>
@@ -509,20 +511,55 @@ void attend(const float* qkv, int64_t N, int64_t T, int64_t H, int64_t KV, int64
       for (int64_t d = 0; d < D; ++d) { kd[d] = static_cast<C>(k[d]); vd[d] = static_cast<C>(v[d]); }
     }
   }
-  // a task per (token, kv head): its query heads read each key and value row once. With few tokens (decode
-  // of a small batch) that is too few tasks to keep the threads busy: then a task per query head.
-  const int64_t split = N * KV < 4 * at::get_num_threads() ? G : 1, tasks = N * KV * split;
+  // A task per (token, kv head, chunk of CHUNK key positions): its query heads read each key and value row
+  // once, and a batch-1 decode step still has work for every thread. The chunks are fixed blocks of positions
+  // (0..63, 64..127, ...), merged in order (the log-sum-exp rule), so a token's result is the same bits
+  // whatever shares its forward.
+  constexpr int64_t CHUNK = 64;
+  std::vector<int64_t> first(N + 1, 0);  // first task of token n
+  for (int64_t n = 0; n < N; ++n) first[n + 1] = first[n] + KV * ((pos[n] + CHUNK) / CHUNK);
+  const int64_t tasks = first[N], stride = G * (D + 2);
+  // per task and head: m, l, o[D]; kept between calls (a prefill chunk of 256 tokens at 2048 positions needs
+  // ~19 MB: allocated afresh for every layer, its page faults would cost more than the attention)
+  static thread_local std::vector<float> part;
+  if (part.size() < static_cast<size_t>(tasks * stride)) part.resize(tasks * stride);
+  float* const partials = part.data();  // (the lambdas run on other threads: their `part` is another one)
   at::parallel_for(0, tasks, 1, [&](int64_t a, int64_t e) {
     std::vector<float> sc;
+    float m[16], l[16];
+    int64_t n = std::upper_bound(first.begin(), first.end(), a) - first.begin() - 1;
     for (int64_t i = a; i < e; ++i) {
-      const int64_t n = i / (KV * split), kh = i / split % KV, part = i % split, b = n / T;
-      const int64_t g0 = part * G / split, g1 = (part + 1) * G / split;
-      attend_heads(qkv + n * width, kh, g0, g1, G, D, pos[n] + 1, kc + (rows[b] * KV + kh) * Lmax * D,
-                   vc + (rows[b] * KV + kh) * Lmax * D, scale, out + n * H * D, sc);
+      while (i >= first[n + 1]) ++n;
+      const int64_t nc = (pos[n] + CHUNK) / CHUNK, kh = (i - first[n]) / nc, c = (i - first[n]) % nc, b = n / T;
+      const int64_t j0 = c * CHUNK, len = std::min(CHUNK, pos[n] + 1 - j0);
+      const int64_t base = (rows[b] * KV + kh) * Lmax * D + j0 * D;
+      float* pt = partials + i * stride;
+      attend_chunk(qkv + n * width, kh, G, D, len, kc + base, vc + base, scale, m, l, pt + 2 * G, sc);
+      for (int64_t g = 0; g < G; ++g) { pt[g] = m[g]; pt[G + g] = l[g]; }
+    }
+  });
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {  // merge each head's chunks, in order
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t nc = (first[n + 1] - first[n]) / KV;
+      for (int64_t kh = 0; kh < KV; ++kh)
+        for (int64_t g = 0; g < G; ++g) {
+          const float* p0 = partials + (first[n] + kh * nc) * stride;
+          float M = -INFINITY, lsum = 0.f;
+          for (int64_t c = 0; c < nc; ++c) M = std::max(M, p0[c * stride + g]);
+          float* y = out + n * H * D + (kh * G + g) * D;
+          for (int64_t d = 0; d < D; ++d) y[d] = 0.f;
+          for (int64_t c = 0; c < nc; ++c) {
+            const float* pc = p0 + c * stride;
+            const float w = std::exp(pc[g] - M);
+            lsum += w * pc[G + g];
+            for (int64_t d = 0; d < D; ++d) y[d] += w * pc[2 * G + g * D + d];
+          }
+          const float inv = 1.f / lsum;
+          for (int64_t d = 0; d < D; ++d) y[d] *= inv;
+        }
     }
   });
 }
-
 
 // Dequantized rows `ids` of a packed weight (the token embeddings): (N, K) fp32, as QuantWeight.rows does.
 void embed_rows(const QW& w, int64_t K, const int64_t* ids, int64_t N, float* out) {
