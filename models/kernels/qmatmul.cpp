@@ -636,7 +636,8 @@ at::Tensor forward_plain(const at::Tensor& tokens, const c10::optional<at::Tenso
     for (int64_t n = 0; n < N; ++n) TORCH_CHECK(ids[n] >= 0 && ids[n] < emb.n, "forward_plain: token id ", ids[n], " out of range");
     embed_rows(emb, dim, ids, N, hp);
   }
-  const int64_t hidden = weights[7 + 8].size(0) * 16 / 2;
+  const int64_t hidden = weights[7 + 8].size(0) * 16 / 2;  // from the first layer's [w1; w3] codes
+  TORCH_CHECK(hidden % 16 == 0, "forward_plain: the hidden size must be a multiple of 16");
   std::vector<float> x(N * dim), qkv(N * width), att(N * H * D), tmp(N * dim), gu(N * 2 * hidden), act(N * hidden);
   // RoPE tables for the positions of this forward: (N, D/2) cos/sin, computed as the eager model does
   std::vector<float> cs(N * (D / 2)), sn(N * (D / 2));
@@ -678,7 +679,6 @@ at::Tensor forward_plain(const at::Tensor& tokens, const c10::optional<at::Tenso
     clock.lap(P_NORM);
     qmm_into(qw_from(w, o + 8, meta, m + 8), x.data(), N, dim, gu.data());
     clock.lap(P_W13);
-    TORCH_CHECK(hidden % 16 == 0, "forward_plain: the hidden size must be a multiple of 16");
     for (int64_t n = 0; n < N; ++n)  // SiLU(gate) · up, 16 at a time
       for (int64_t i = 0; i < hidden; i += 16) {
         const F16 g = loadf(gu.data() + n * 2 * hidden + i), u = loadf(gu.data() + n * 2 * hidden + hidden + i);
