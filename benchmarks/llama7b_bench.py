@@ -6,7 +6,7 @@ GGUF files of the same weights; then serves each config over HTTP, one server at
 /v1/completions ("Hello", 24 tokens, greedy, ignore_eos): time to ready, decode tok/s (median of 2 after a
 warm-up), RSS after load, VmHWM, weight bytes, roofline (weight bytes per token / measured read bandwidth).
 
-Usage: python benchmarks/llama7b_bench.py [--layers N] [--json OUT] [--only lamina-none,llama.cpp-q8_0,...]
+Usage: python benchmarks/llama7b_bench.py [--layers N] [--json OUT] [--llama-args=-nr] [--only lamina-none,llama.cpp-q8_0,...]
 """
 
 import argparse
@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import statistics
@@ -28,7 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 LLAMA_SERVER = Path.home() / ".cache/lamina/llama.cpp-0.3.36/bin/llama-server"
-VOCAB_GGUF_CANDIDATES = [Path("/tmp/llsd/llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"),
+VOCAB_GGUF_CANDIDATES = [LLAMA_SERVER.parent.parent / "models/ggml-vocab-llama-spm.gguf",
+                         Path("/tmp/llsd/llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"),
                          Path("/tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf")]
 DIM, HIDDEN, HEADS, VOCAB = 4096, 11008, 32, 32000
 PROMPT, MAX_TOKENS = "Hello", 24
@@ -133,7 +135,8 @@ def write_gguf(d, n_layers, qtype_name):
         return path
     vocab_path = next((p for p in VOCAB_GGUF_CANDIDATES if p.exists()), None)
     if vocab_path is None:
-        sys.exit("ggml-vocab-llama-spm.gguf not found: pip download --no-deps --no-binary :all: "
+        sys.exit("ggml-vocab-llama-spm.gguf not found: run scripts/build-llama-server.sh (it keeps a copy), or "
+                 "pip download --no-deps --no-binary :all: "
                  "llama-cpp-python==0.3.36 -d /tmp/lcp and untar it there")
     vocab = gguf.GGUFReader(str(vocab_path))
     sd = torch.load(d / "llama-7b/consolidated.00.pth", mmap=True, weights_only=True)
@@ -341,6 +344,7 @@ def main():
     ap.add_argument("--only", help="comma-separated configs: lamina-none,lamina-int8,lamina-int4,"
                                    "llama.cpp-q8_0,llama.cpp-q4_0")
     ap.add_argument("--ready-timeout", type=float, default=1800)
+    ap.add_argument("--llama-args", default="", help="extra llama-server flags, passed through as is (e.g. -nr)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     d = Path.home() / ".cache/lamina" / ("bench-7b" if args.layers == 32 else f"bench-7b-L{args.layers}")
@@ -365,7 +369,7 @@ def main():
     for q in ("q8_0", "q4_0"):
         port = free_port()
         configs.append((f"llama.cpp-{q}", [str(LLAMA_SERVER), "-m", str(ggufs[q]), "-np", "1", "-t", "2", "-c", "512",
-                                           "--port", str(port)], "/health", gguf_weight_bytes(ggufs[q])))
+                                           "--port", str(port)] + shlex.split(args.llama_args), "/health", gguf_weight_bytes(ggufs[q])))
     if args.only:
         keep = set(args.only.split(","))
         configs = [c for c in configs if c[0] in keep]

@@ -71,6 +71,9 @@ libs=("$TMP"/build/bin/*.so*)
 if [ "${#libs[@]}" -gt 0 ]; then
   cp -a "${libs[@]}" "$PREFIX/bin/"
 fi
+# The LLaMA SentencePiece vocabulary that benchmarks/llama7b_bench.py puts into its GGUF files.
+mkdir -p "$PREFIX/models"
+cp -f "$SRC/models/ggml-vocab-llama-spm.gguf" "$PREFIX/models/"
 # llama-server goes last: its presence is what marks the install as done.
 for exe in llama-bench llama-server; do
   install -m 0755 "$TMP/build/bin/$exe" "$PREFIX/bin/$exe.tmp"
