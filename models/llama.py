@@ -75,11 +75,34 @@ class PromptKV:
     """Adaption-prompt keys/values for the adapted layers: k, v of shape (n_adapted, B, K, P, D).
 
     `mask` (B, P) marks valid prompt tokens when rows carry different numbers of prompts (None: all valid).
+    Or, without copying per batch row: k, v (n_adapted, S, K, P, D) for S prompt rows, of which batch row b
+    reads row `rows[b]`, its first `lengths[b]` prompts valid (see `gathered`).
     """
 
     k: Tensor
     v: Tensor
     mask: Tensor | None = None
+    rows: Tensor | None = None  # (B,) long
+    lengths: Tensor | None = None  # (B,) long, with `rows`
+
+    def gathered(self) -> PromptKV:
+        """The (n_adapted, B, K, P, D) + mask form (a copy per batch row)."""
+        if self.rows is None:
+            return self
+        P = int(self.lengths.max())
+        k, v = self.k[:, self.rows, :, :P], self.v[:, self.rows, :, :P]
+        mask = None
+        if int(self.lengths.min()) != P:
+            mask = torch.arange(P, device=self.k.device)[None, :] < self.lengths[:, None]
+        return PromptKV(k, v, mask)
+
+    def by_row(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(k, v, rows, lengths) of the by-row form."""
+        if self.rows is not None:
+            return self.k, self.v, self.rows, self.lengths
+        B, P = self.k.shape[1], self.k.shape[3]
+        lengths = torch.full((B,), P) if self.mask is None else self.mask.sum(-1)
+        return self.k, self.v, torch.arange(B), lengths
 
 
 class RMSNorm(nn.Module):
@@ -310,8 +333,10 @@ class Transformer(nn.Module):
     ) -> Tensor:
         """Logits as float32: (B, vocab) for the last position, (B, T, vocab) with last_only=False, or (M, vocab)
         at `logit_index`."""
-        if self.fused is not None and cache is not None and adapter_ids is None and prompt_kv is None and pad is None:
-            return self._forward_fused(tokens, positions, cache, rows, last_only, logit_index)
+        if self.fused is not None and cache is not None and pad is None:
+            return self._forward_fused(tokens, positions, cache, rows, last_only, logit_index, adapter_ids, prompt_kv)
+        if prompt_kv is not None:
+            prompt_kv = prompt_kv.gathered()
         state = self.forward_state(positions, cache, rows, self.dtype, pad, scratch_row)
         return self.run(tokens, state, cache=cache, adapter_ids=adapter_ids, prompt_kv=prompt_kv, last_only=last_only,
                         logit_index=logit_index)
@@ -349,35 +374,41 @@ class Transformer(nn.Module):
         logits = linear(h, weight, self.output_packed).float()  # packed: `weight` is None
         return logits[:, -1] if last_only else logits
 
-    def _forward_fused(self, tokens, positions, cache: KVCache, rows, last_only: bool, logit_index) -> Tensor:
+    def _forward_fused(self, tokens, positions, cache: KVCache, rows, last_only: bool, logit_index,
+                       adapter_ids: Tensor | None, prompt_kv: PromptKV | None) -> Tensor:
         """Token ids to logits in one call of the fused CPU kernel (see `prepare_fused`); same result as `run`
         up to fp32 rounding, and the same bits for a token however it is batched, chunked or cached."""
         B, T = tokens.shape
         a = self.args
-        emb, weights, meta, op = self.fused
+        emb, weights, meta, op, adapter = self.fused
         h = None if emb is not None else self.embed(tokens).reshape(B * T, a.dim)
         if logit_index is None:
             index = torch.arange(B * T) if not last_only else torch.arange(T - 1, B * T, T)
         else:
             index = logit_index
+        pk = pv = prows = plens = None
+        if adapter_ids is None:
+            adapter = []
+        elif prompt_kv is not None:
+            pk, pv, prows, plens = prompt_kv.by_row()
         logits = op(tokens.reshape(-1), h, weights, meta, list(cache.k), list(cache.v), rows, positions, index,
-                    a.n_heads, a.kv_heads, a.norm_eps, a.rope_theta)[:, : a.vocab_size]
+                    a.n_heads, a.kv_heads, a.norm_eps, a.rope_theta, adapter, adapter_ids, pk, pv, prows, plens,
+                    a.adapted_layers.start if len(a.adapted_layers) else a.n_layers)[:, : a.vocab_size]
         if logit_index is None and not last_only:
             return logits.view(B, T, -1)
         return logits
 
     def prepare_fused(self) -> bool:
-        """Uses the fused forward for this model when it can run it: a plain model (no adapters) on the CPU,
-        fp32 activations, the output head and every layer's [q;k;v], wo, [w1;w3], w2 quantized and unpadded,
-        and a compiled kernel variant. Returns whether it does. `fused = None` turns it off (the eager path,
-        e.g. in tests)."""
+        """Uses the fused forward for this model when it can run it: on the CPU, fp32 activations, the output
+        head and every layer's [q;k;v], wo, [w1;w3], w2 quantized and unpadded, and a compiled kernel variant;
+        plain models and LLaMA-Adapter V2 ones (per-adapter norms, biases, LoRA, gated adaption prompts).
+        Returns whether it does. `fused = None` turns it off (the eager path, e.g. in tests)."""
         from models import kernels
 
-        a = self.args
         self.fused = None
         out = self.output_packed
-        if a.n_adapters or self.dtype != torch.float32 or not isinstance(out, quant.QuantWeight) \
-                or kernels.isa() == "torch":
+        if self.dtype != torch.float32 or not isinstance(out, quant.QuantWeight) or kernels.isa() == "torch" \
+                or self.norm.weight.device.type != "cpu":
             return False
         emb = self.embed_packed if isinstance(self.embed_packed, quant.QuantWeight) else None
         none = torch.empty(0)
@@ -395,8 +426,42 @@ class Transformer(nn.Module):
                     weights.append(norm.weight[0].contiguous())
                 weights += [w.qs, w.scales, w.mins if w.mins is not None else none]
                 meta += [w.bits, w.group, w.zero, int(w.big)]
-        self.fused = (emb, weights, meta, kernels.ops().forward_plain)
+        self.fused = (emb, weights, meta, kernels.ops().forward_plain, self._fused_adapter_tensors())
         return True
+
+    def _fused_adapter_tensors(self) -> list[Tensor]:
+        """The adapter pieces in the fused kernel's order (see forward_plain in models/kernels/qmatmul.cpp):
+        the parameters themselves (no copies) but the concatenated [q;k;v] and [w1;w3] biases and the gates'
+        tanh(gate)·new_gate, which are small."""
+        if not self.args.n_adapters:
+            return []
+        none = torch.empty(0)
+        A = self.args.n_adapters
+
+        def t(x: Tensor | None) -> Tensor:
+            return none if x is None else x.detach().float().contiguous()
+
+        out = [t(self.norm.weight)]
+        for layer in self.layers:
+            attn, ffn = layer.attention, layer.feed_forward
+            qkv_bias = none
+            if attn.wq.bias is not None:
+                kv = torch.zeros(A, 2 * self.args.kv_heads * self.args.head_dim)
+                qkv_bias = torch.cat([attn.wq.bias.detach().float(), kv], 1)
+            w13_bias = none
+            if ffn.w1.bias is not None:
+                w13_bias = torch.cat([ffn.w1.bias.detach().float(), ffn.w3.bias.detach().float()], 1)
+            gate = none
+            if attn.gate is not None:
+                gate = torch.tanh(attn.gate.detach().float())
+                if attn.new_gate is not None:
+                    gate = gate * attn.new_gate.detach().float()[:, None]
+                gate = gate.contiguous()
+            out += [t(layer.attention_norm.weight), t(layer.ffn_norm.weight), qkv_bias, t(attn.wo.bias), w13_bias,
+                    t(ffn.w2.bias), gate]
+            for lin in (attn.wq, attn.wk, attn.wv, attn.wo, ffn.w1, ffn.w3, ffn.w2):
+                out += [t(lin.lora_l1), t(lin.lora_l2)]
+        return out
 
     @property
     def dtype(self) -> torch.dtype:

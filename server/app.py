@@ -140,6 +140,7 @@ def build_engine(loaded, settings: Settings):
         "max_waiting": settings.max_waiting,
         "prefill_chunk": settings.prefill_chunk,
         "compile_decode": settings.compile,
+        "deterministic": settings.deterministic,
         "prefix_caching": settings.prefix_caching,
         "max_images": max(1, settings.max_images),
         "dtype": kv_dtype(settings, device, activation_dtype(settings, device)),

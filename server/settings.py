@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     compile: bool = Field(
         False, description="compile batch-1 decode with torch.compile (plain models; CPU: ~1.5x faster single-stream "
         "decode, about a minute more at startup)")
+    deterministic: bool = Field(
+        False, description="the same seeded request gives the same tokens whatever shares its batch and however "
+        "its prompt was chunked or cached. Free on the fused CPU forward (quantized weights: the default model, "
+        "--quantization int8/int4), which is batch-invariant anyway; elsewhere every token runs as its own "
+        "forward (prefill becomes much slower)")
     default_max_tokens: int | None = Field(
         None, ge=1, description="chat completion length when the client sets none (default: rest of context)"
     )

@@ -431,14 +431,89 @@ struct Clock {
   }
 };
 
-void rmsnorm(const float* h, const float* w, float* out, int64_t N, int64_t dim, float eps) {
+// aid: per row the bank row of w (A, dim) to use (an adapter's own norm); nullptr: w is one (dim) weight.
+void rmsnorm(const float* h, const float* w, float* out, int64_t N, int64_t dim, float eps,
+             const int64_t* aid = nullptr) {
   for (int64_t n = 0; n < N; ++n) {
     const float* x = h + n * dim;
+    const float* wn = aid == nullptr ? w : w + aid[n] * dim;
     float ss = 0.f;
     for (int64_t i = 0; i < dim; ++i) ss += x[i] * x[i];
     const float r = 1.f / std::sqrt(ss / static_cast<float>(dim) + eps);
-    for (int64_t i = 0; i < dim; ++i) out[n * dim + i] = x[i] * r * w[i];
+    for (int64_t i = 0; i < dim; ++i) out[n * dim + i] = x[i] * r * wn[i];
   }
+}
+
+// ---- LLaMA-Adapter V2 pieces (per row: its adapter's bank row) ----
+
+// y[n, off .. off+out) += bias[aid[n]] (bias: (A, out) fp32) and, with LoRA, += l2[a] @ (l1[a] @ x[n])
+// (l1: (A, r, K), l2: (A, out, r) fp32). y rows are `ystride` wide; x rows K wide.
+void adapt_rows(float* y, int64_t ystride, int64_t off, const float* x, int64_t K, int64_t N, const int64_t* aid,
+                const at::Tensor& bias, const at::Tensor& l1, const at::Tensor& l2) {
+  if (bias.numel()) {
+    const int64_t out = bias.size(1);
+    const float* b = bias.data_ptr<float>();
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t o = 0; o < out; ++o) y[n * ystride + off + o] += b[aid[n] * out + o];
+  }
+  if (!l1.numel()) return;
+  const int64_t r = l1.size(1), out = l2.size(1);
+  TORCH_CHECK(l1.size(2) == K && l2.size(2) == r && K % 16 == 0 && r <= 256, "fused forward: bad LoRA shapes");
+  const float* a1 = l1.data_ptr<float>();
+  const float* a2 = l2.data_ptr<float>();
+  float low[256];
+  for (int64_t n = 0; n < N; ++n) {
+    const float* xn = x + n * K;
+    const float* w1 = a1 + aid[n] * r * K;
+    for (int64_t i = 0; i < r; ++i) {
+      F16 acc = fzero();
+      for (int64_t k = 0; k < K; k += 16) acc = fmaddv(loadf(xn + k), loadf(w1 + i * K + k), acc);
+      low[i] = hsum(acc);
+    }
+    const float* w2 = a2 + aid[n] * out * r;
+    float* yn = y + n * ystride + off;
+    for (int64_t o = 0; o < out; ++o) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < r; ++i) acc += w2[o * r + i] * low[i];
+      yn[o] += acc;
+    }
+  }
+}
+
+// The adaption-prompt attention of an adapted layer, added to `att` (N, H·D): per row n and query head h,
+// gate[aid[n], h] · softmax(q·pk / √D) · pv over the row's `plen[n]` prompt keys pk/pv, read from
+// (S, KV, P, D) fp32 at prompt row prow[n] (no causal mask, no RoPE on the prompts; the queries are roped).
+void prompt_attend(const float* qkv, int64_t N, int64_t H, int64_t KV, int64_t D, const int64_t* aid,
+                   const int64_t* prow, const int64_t* plen, const float* pk, const float* pv, int64_t P,
+                   const float* gate, float* att) {
+  const int64_t G = H / KV, width = (H + 2 * KV) * D;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, N * H, 4, [&](int64_t a, int64_t e) {
+    std::vector<float> sc(P);
+    for (int64_t i = a; i < e; ++i) {
+      const int64_t n = i / H, h = i % H, kh = h / G, len = plen[n];
+      if (len <= 0) continue;
+      const float* q = qkv + n * width + h * D;
+      const float* kb = pk + ((prow[n] * KV + kh) * P) * D;
+      const float* vb = pv + ((prow[n] * KV + kh) * P) * D;
+      float mx = -INFINITY;
+      for (int64_t p = 0; p < len; ++p) {
+        F16 acc = fzero();
+        for (int64_t d = 0; d < D; d += 16) acc = fmaddv(loadf(q + d), loadf(kb + p * D + d), acc);
+        sc[p] = hsum(acc) * scale;
+        mx = std::max(mx, sc[p]);
+      }
+      float sum = 0.f;
+      for (int64_t p = 0; p < len; ++p) { sc[p] = std::exp(sc[p] - mx); sum += sc[p]; }
+      const float g = gate[aid[n] * H + h] / sum;
+      float* y = att + n * H * D + h * D;
+      for (int64_t d = 0; d < D; d += 16) {
+        F16 acc = fzero();
+        for (int64_t p = 0; p < len; ++p) acc = fmadd1(loadf(vb + p * D + d), sc[p], acc);
+        store(y + d, fmadd1(acc, g, loadf(y + d)));
+      }
+    }
+  });
 }
 
 // Attention of the G query heads of one kv head over one chunk of keys (cache positions j0 .. j0+L-1): per
@@ -605,11 +680,22 @@ void embed_rows(const QW& w, int64_t K, const int64_t* ids, int64_t N, float* ou
 // codes, scales, mins]; meta: 2 × (bits, group, zero, big) for the embeddings and the output, then per layer
 // 4 × the same; k_cache/v_cache: per layer (S, KV, Lmax, D) fp32 or bf16; rows (B,), positions (B, T);
 // logit_index (M,): the flat token indices whose logits are returned, (M, vocab rounded up to 16) fp32.
+// LLaMA-Adapter V2 models add (all fp32, A adapters; an empty tensor where a piece is absent):
+// adapter: [final norm bank (A, dim)] then per layer [attn_norm bank, ffn_norm bank (A, dim), [q;k;v] bias
+// (A, (H+2KV)·D), wo bias (A, dim), [w1;w3] bias (A, 2·hidden), w2 bias (A, dim), the prompt gate
+// tanh(gate)·new_gate (A, H) (adapted layers), then LoRA l1 (A, r, in) and l2 (A, out, r) of q, k, v, o, w1,
+// w3, w2]; adapter_ids (B,): each batch row's bank row; prompt_k/prompt_v (n_adapted, S, KV, P, D): the
+// adaption prompts' keys/values, row prompt_rows[b] (B,) of which the first prompt_len[b] (B,) are valid; the
+// adapted layers are adapted_start .. L-1.
 at::Tensor forward_plain(const at::Tensor& tokens, const c10::optional<at::Tensor>& h_in,
                          const std::vector<at::Tensor>& weights, const std::vector<int64_t>& meta,
                          const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache,
                          const at::Tensor& rows, const at::Tensor& positions, const at::Tensor& logit_index,
-                         int64_t n_heads, int64_t n_kv_heads, double eps, double theta) {
+                         int64_t n_heads, int64_t n_kv_heads, double eps, double theta,
+                         const std::vector<at::Tensor>& adapter, const c10::optional<at::Tensor>& adapter_ids,
+                         const c10::optional<at::Tensor>& prompt_k, const c10::optional<at::Tensor>& prompt_v,
+                         const c10::optional<at::Tensor>& prompt_rows, const c10::optional<at::Tensor>& prompt_len,
+                         int64_t adapted_start) {
   Clock clock;
   const int64_t L = static_cast<int64_t>(k_cache.size());
   TORCH_CHECK(weights.size() == 7 + static_cast<size_t>(L) * 14 && meta.size() == 8 + static_cast<size_t>(L) * 16,
@@ -638,6 +724,58 @@ at::Tensor forward_plain(const at::Tensor& tokens, const c10::optional<at::Tenso
   }
   const int64_t hidden = weights[7 + 8].size(0) * 16 / 2;  // from the first layer's [w1; w3] codes
   TORCH_CHECK(hidden % 16 == 0, "forward_plain: the hidden size must be a multiple of 16");
+  // adapters: per token its bank row (and prompt row and count); adapter tensors checked once here
+  const bool adapted = adapter_ids.has_value();
+  constexpr size_t PER_LAYER = 21;
+  std::vector<int64_t> aid(adapted ? N : 0), prow(adapted ? N : 0), plen(adapted ? N : 0);
+  int64_t P = 0, S = 0;
+  const bool prompts = adapted && prompt_k.has_value();
+  if (adapted) {
+    TORCH_CHECK(adapter.size() == 1 + static_cast<size_t>(L) * PER_LAYER, "forward_plain: adapter tensors do not match the layers");
+    for (const auto& t : adapter)
+      TORCH_CHECK(!t.numel() || (t.scalar_type() == at::kFloat && t.is_contiguous()), "forward_plain: adapter tensors must be contiguous fp32");
+    const int64_t A = adapter[0].size(0);
+    TORCH_CHECK(adapter[0].numel() == A * dim, "forward_plain: bad final norm bank");
+    // per layer: the expected row width of each piece, 0: must be a bank of that width or empty
+    const int64_t widths[7] = {dim, dim, width, dim, 2 * hidden, dim, H};
+    const int64_t lora_in[7] = {dim, dim, dim, H * D, dim, dim, hidden};
+    const int64_t lora_out[7] = {H * D, KV * D, KV * D, dim, hidden, hidden, dim};
+    for (int64_t l = 0; l < L; ++l) {
+      const at::Tensor* ap = adapter.data() + 1 + l * PER_LAYER;
+      for (int i = 0; i < 7; ++i)
+        TORCH_CHECK((i >= 2 && !ap[i].numel()) || ap[i].numel() == A * widths[i], "forward_plain: adapter piece ", i,
+                    " of layer ", l, " has the wrong size");
+      for (int i = 0; i < 7; ++i) {
+        const at::Tensor &l1 = ap[7 + 2 * i], &l2 = ap[8 + 2 * i];
+        TORCH_CHECK(l1.numel() == 0 ? l2.numel() == 0
+                    : (l1.dim() == 3 && l2.dim() == 3 && l1.size(0) == A && l2.size(0) == A && l1.size(2) == lora_in[i]
+                       && l2.size(1) == lora_out[i] && l2.size(2) == l1.size(1)), "forward_plain: bad LoRA ", i, " of layer ", l);
+      }
+    }
+    at::Tensor ids = adapter_ids->to(at::kLong).contiguous();
+    TORCH_CHECK(ids.numel() == B, "forward_plain: adapter_ids must have one id per batch row");
+    for (int64_t n = 0; n < N; ++n) {
+      aid[n] = ids.data_ptr<int64_t>()[n / T];
+      TORCH_CHECK(aid[n] >= 0 && aid[n] < A, "forward_plain: adapter id out of range");
+    }
+    if (prompts) {
+      TORCH_CHECK(prompt_v.has_value() && prompt_rows.has_value() && prompt_len.has_value(), "forward_plain: incomplete prompts");
+      TORCH_CHECK(prompt_k->scalar_type() == at::kFloat && prompt_k->is_contiguous() && prompt_v->is_contiguous()
+                  && prompt_k->sizes() == prompt_v->sizes() && prompt_k->dim() == 5 && prompt_k->size(0) == L - adapted_start
+                  && prompt_k->size(2) == KV && prompt_k->size(4) == D, "forward_plain: bad prompt keys/values");
+      S = prompt_k->size(1);
+      P = prompt_k->size(3);
+      at::Tensor pr = prompt_rows->to(at::kLong).contiguous(), pl = prompt_len->to(at::kLong).contiguous();
+      TORCH_CHECK(pr.numel() == B && pl.numel() == B, "forward_plain: prompt rows/lengths must have one per batch row");
+      for (int64_t n = 0; n < N; ++n) {
+        prow[n] = pr.data_ptr<int64_t>()[n / T];
+        plen[n] = pl.data_ptr<int64_t>()[n / T];
+        TORCH_CHECK(prow[n] >= 0 && prow[n] < S && plen[n] >= 0 && plen[n] <= P, "forward_plain: prompt row/length out of range");
+      }
+    }
+  }
+  const int64_t* ad = adapted ? aid.data() : nullptr;
+  const at::Tensor nothing = at::empty({0}, at::kFloat);
   std::vector<float> x(N * dim), qkv(N * width), att(N * H * D), tmp(N * dim), gu(N * 2 * hidden), act(N * hidden);
   // RoPE tables for the positions of this forward: (N, D/2) cos/sin, computed as the eager model does
   std::vector<float> cs(N * (D / 2)), sn(N * (D / 2));
@@ -652,9 +790,17 @@ at::Tensor forward_plain(const at::Tensor& tokens, const c10::optional<at::Tenso
   for (int64_t l = 0; l < L; ++l) {
     const auto& w = weights;
     const size_t o = 7 + l * 14, m = 8 + l * 16;
-    rmsnorm(hp, w[o].data_ptr<float>(), x.data(), N, dim, static_cast<float>(eps));
+    const at::Tensor* ap = adapted ? adapter.data() + 1 + l * PER_LAYER : nullptr;  // this layer's adapter pieces
+    const at::Tensor* lora = adapted ? ap + 7 : nullptr;  // l1, l2 of q, k, v, o, w1, w3, w2
+    if (adapted) rmsnorm(hp, ap[0].data_ptr<float>(), x.data(), N, dim, static_cast<float>(eps), ad);
+    else rmsnorm(hp, w[o].data_ptr<float>(), x.data(), N, dim, static_cast<float>(eps));
     clock.lap(P_NORM);
     qmm_into(qw_from(w, o + 1, meta, m), x.data(), N, dim, qkv.data());
+    if (adapted) {
+      adapt_rows(qkv.data(), width, 0, x.data(), dim, N, ad, ap[2], lora[0], lora[1]);
+      adapt_rows(qkv.data(), width, H * D, x.data(), dim, N, ad, nothing, lora[2], lora[3]);
+      adapt_rows(qkv.data(), width, (H + KV) * D, x.data(), dim, N, ad, nothing, lora[4], lora[5]);
+    }
     clock.lap(P_QKV);
     for (int64_t n = 0; n < N; ++n)  // RoPE on the q and k heads
       for (int64_t hh = 0; hh < H + KV; ++hh) {
@@ -670,14 +816,25 @@ at::Tensor forward_plain(const at::Tensor& tokens, const c10::optional<at::Tenso
       attend(qkv.data(), N, T, H, KV, D, ps, rw, k_cache[l].data_ptr<at::BFloat16>(), v_cache[l].data_ptr<at::BFloat16>(), Lmax, att.data());
     else
       attend(qkv.data(), N, T, H, KV, D, ps, rw, k_cache[l].data_ptr<float>(), v_cache[l].data_ptr<float>(), Lmax, att.data());
+    if (prompts && l >= adapted_start && ap[6].numel()) {
+      const int64_t off = (l - adapted_start) * S * KV * P * D;
+      prompt_attend(qkv.data(), N, H, KV, D, ad, prow.data(), plen.data(), prompt_k->data_ptr<float>() + off,
+                    prompt_v->data_ptr<float>() + off, P, ap[6].data_ptr<float>(), att.data());
+    }
     clock.lap(P_ATTEND);
     qmm_into(qw_from(w, o + 4, meta, m + 4), att.data(), N, H * D, tmp.data());
+    if (adapted) adapt_rows(tmp.data(), dim, 0, att.data(), H * D, N, ad, ap[3], lora[6], lora[7]);
     clock.lap(P_WO);
     for (int64_t i = 0; i < N * dim; ++i) hp[i] += tmp[i];
     clock.lap(P_RESIDUAL);
-    rmsnorm(hp, w[o + 7].data_ptr<float>(), x.data(), N, dim, static_cast<float>(eps));
+    if (adapted) rmsnorm(hp, ap[1].data_ptr<float>(), x.data(), N, dim, static_cast<float>(eps), ad);
+    else rmsnorm(hp, w[o + 7].data_ptr<float>(), x.data(), N, dim, static_cast<float>(eps));
     clock.lap(P_NORM);
     qmm_into(qw_from(w, o + 8, meta, m + 8), x.data(), N, dim, gu.data());
+    if (adapted) {
+      adapt_rows(gu.data(), 2 * hidden, 0, x.data(), dim, N, ad, ap[4], lora[8], lora[9]);
+      adapt_rows(gu.data(), 2 * hidden, hidden, x.data(), dim, N, ad, nothing, lora[10], lora[11]);
+    }
     clock.lap(P_W13);
     for (int64_t n = 0; n < N; ++n)  // SiLU(gate) · up, 16 at a time
       for (int64_t i = 0; i < hidden; i += 16) {
@@ -686,6 +843,7 @@ at::Tensor forward_plain(const at::Tensor& tokens, const c10::optional<at::Tenso
       }
     clock.lap(P_SILU);
     qmm_into(qw_from(w, o + 11, meta, m + 12), act.data(), N, hidden, tmp.data());
+    if (adapted) adapt_rows(tmp.data(), dim, 0, act.data(), hidden, N, ad, ap[5], lora[12], lora[13]);
     clock.lap(P_W2);
     for (int64_t i = 0; i < N * dim; ++i) hp[i] += tmp[i];
     clock.lap(P_RESIDUAL);
@@ -693,7 +851,13 @@ at::Tensor forward_plain(const at::Tensor& tokens, const c10::optional<at::Tenso
   // the final norm and the output head, for the rows that sample only
   std::vector<float> sel(M * dim), normed(M * dim);
   for (int64_t i = 0; i < M; ++i) std::copy(hp + want[i] * dim, hp + (want[i] + 1) * dim, sel.data() + i * dim);
-  rmsnorm(sel.data(), weights[3].data_ptr<float>(), normed.data(), M, dim, static_cast<float>(eps));
+  if (adapted) {
+    std::vector<int64_t> sel_aid(M);
+    for (int64_t i = 0; i < M; ++i) sel_aid[i] = aid[want[i]];
+    rmsnorm(sel.data(), adapter[0].data_ptr<float>(), normed.data(), M, dim, static_cast<float>(eps), sel_aid.data());
+  } else {
+    rmsnorm(sel.data(), weights[3].data_ptr<float>(), normed.data(), M, dim, static_cast<float>(eps));
+  }
   const QW out = qw_from(weights, 4, meta, 4);
   at::Tensor logits = at::empty({M, out.n}, h.options());
   qmm_into(out, normed.data(), M, dim, logits.data_ptr<float>());
@@ -772,7 +936,9 @@ at::Tensor mm_bf16(const at::Tensor& x, const at::Tensor& packed) {
 TORCH_LIBRARY(LAMINA_NS, m) {
   m.def("qmm(Tensor x, Tensor qs, Tensor scales, Tensor? mins, int bits, int group, int zero, bool big) -> Tensor");
   m.def("forward_plain(Tensor tokens, Tensor? h, Tensor[] weights, int[] meta, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, "
-        "Tensor rows, Tensor positions, Tensor logit_index, int n_heads, int n_kv_heads, float eps, float theta) -> Tensor");
+        "Tensor rows, Tensor positions, Tensor logit_index, int n_heads, int n_kv_heads, float eps, float theta, "
+        "Tensor[] adapter, Tensor? adapter_ids, Tensor? prompt_k, Tensor? prompt_v, Tensor? prompt_rows, "
+        "Tensor? prompt_len, int adapted_start) -> Tensor");
   m.def("profile_plain(bool enable) -> float[]", &profile_plain);
 #ifdef LAMINA_HAS_BF16
   m.def("mm_bf16(Tensor x, Tensor packed) -> Tensor");

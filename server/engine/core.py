@@ -49,6 +49,7 @@ class EngineConfig:
     dtype: str | None = None  # KV cache dtype ("fp32" | "bf16" | "fp16"); None: the weights' dtype
     prefix_caching: bool = True  # reuse a freed slot's K/V for a prompt with the same prefix, adapter and images
     compile_decode: bool = False  # batch-1 decode through torch.compile (~1 min at warmup; see ModelRunner)
+    deterministic: bool = False  # a token's logits do not depend on its batch, chunking or caching (see ModelRunner)
     max_images: int = 4  # per request
     vision_cache_size: int = 64  # visual queries kept, keyed by (adapter, image sha256)
 
@@ -106,7 +107,7 @@ class EngineCore:
                 n_slots = min(n_slots, fit)
         runner = ModelRunner(loaded, n_slots=n_slots, max_context=config.max_context, kv_dtype=kv_dtype,
                              max_images=config.max_images, vision_cache_size=config.vision_cache_size,
-                             compile_decode=config.compile_decode)
+                             compile_decode=config.compile_decode, deterministic=config.deterministic)
         scheduler = Scheduler(n_slots, config.max_batch, config.prefill_chunk, config.max_context,
                               config.prefix_caching)
         return EngineCore(loaded, runner, scheduler, on_admit)

@@ -106,6 +106,7 @@ class ModelRunner:
         max_images: int = 4,
         vision_cache_size: int = 64,
         compile_decode: bool = False,
+        deterministic: bool = False,
     ):
         self.model = loaded.model
         self.llama = loaded.model.llama
@@ -135,7 +136,15 @@ class ModelRunner:
         self.vision_hits = self.vision_misses = 0
         self.observer: EngineObserver = NullObserver()  # told of timed stages (see AsyncEngine.set_observer)
         self.compiled = None
-        if compile_decode and self.adapters:
+        # deterministic: every token its own forward (batch 1, one position: the same shapes and kernels
+        # however it is batched, chunked or cached) unless the fused forward, batch-invariant by construction, runs
+        self.one_token_forwards = deterministic and self.llama.fused is None
+        if deterministic:
+            log.info("deterministic: %s", "the fused CPU forward is batch-invariant, nothing changes"
+                     if not self.one_token_forwards else "every token runs as its own forward (slower prefill)")
+        if compile_decode and self.one_token_forwards:
+            log.warning("compile_decode: off in deterministic mode (tokens run one at a time, eagerly)")
+        elif compile_decode and self.adapters:
             # Inductor 2.14's oneDNN weight-prepack pass fails on the per-adapter bias/LoRA graph ("expected
             # packed_weight_node.target to be mkldnn._reorder_linear_weight"): adapter models decode eagerly
             log.warning("compile_decode: not available for adapter models (an Inductor prepack bug); decoding eagerly")
@@ -226,8 +235,10 @@ class ModelRunner:
         t0 = time.perf_counter()
         for c in chunks:
             self.rows.wrote(c.slot, c.start + len(c.tokens))
-        if self.llama.fused is not None and not self.adapters:  # the fused CPU forward: one call, packed rows
+        if self.llama.fused is not None:  # the fused CPU forward: one call, packed rows
             out = self._forward_packed(chunks)
+        elif self.one_token_forwards:
+            out = self._forward_one_by_one(chunks)
         else:
             out = {}
             single = [i for i, c in enumerate(chunks) if len(c.tokens) == 1]
@@ -256,16 +267,44 @@ class ModelRunner:
     def _forward_packed(self, chunks: list[Chunk]) -> Tensor | None:
         """Every token of the step as its own batch row (its cache row, its position), in one fused forward:
         the kernel writes all new K/V before any query reads, so a prompt's tokens see each other."""
-        tokens, rows, positions, want = [], [], [], []
+        tokens, rows, positions, want, slots = [], [], [], [], []
         for c in chunks:
             tokens += c.tokens
             rows += [self.rows.row(c.slot)] * len(c.tokens)
+            slots += [c.slot] * len(c.tokens)
             positions += range(c.start, c.start + len(c.tokens))
             if c.logits:
                 want.append(len(tokens) - 1)
+        adapter_ids = pkv = None
+        if self.adapters:
+            idx = self._ids(slots)
+            adapter_ids = self.slot_adapter[idx]
+            if self.prompts_on:  # each token reads its slot's prompts in place (no copy per token)
+                pkv = PromptKV(self.prompt_k, self.prompt_v, rows=idx,
+                               lengths=self._ids([self.slot_prompts[s] for s in slots]))
         logits = self.llama(self._ids(tokens)[:, None], self._ids(positions)[:, None], cache=self.cache,
-                            rows=self._ids(rows), logit_index=self._ids(want or [0]))  # [0]: one row nobody reads
+                            rows=self._ids(rows), adapter_ids=adapter_ids, prompt_kv=pkv,
+                            logit_index=self._ids(want or [0]))  # [0]: one row nobody reads
         return logits if want else None
+
+    def _forward_one_by_one(self, chunks: list[Chunk]) -> Tensor | None:
+        """Deterministic mode off the fused path: each token alone, in order, in its own cache row, attending
+        to exactly its positions 0..p (no padding, no mask) — the one path every token takes."""
+        out = []
+        for c in chunks:
+            row = self._ids([self.rows.row(c.slot)])
+            adapter_ids, pkv = None, None
+            if self.adapters:
+                adapter_ids = self.slot_adapter[self._ids([c.slot])]
+                if self.prompts_on:
+                    pkv = PromptKV(self.prompt_k, self.prompt_v, rows=self._ids([c.slot]),
+                                   lengths=self._ids([self.slot_prompts[c.slot]]))
+            for i, token in enumerate(c.tokens):
+                logits = self.llama(self._ids([[token]]), self._ids([[c.start + i]]), cache=self.cache, rows=row,
+                                    adapter_ids=adapter_ids, prompt_kv=pkv)
+            if c.logits:
+                out.append(logits[0])
+        return torch.stack(out) if out else None
 
     def _forward_rows(self, chunks: list[Chunk]) -> Tensor:
         """One token per sequence in one batched forward (rows at different positions, different adapters)."""

@@ -45,3 +45,45 @@ def test_a_seeded_request_is_the_same_alone_batched_or_chunked(smol):
     batched = token_ids(_core(smol).generate_all(reqs)["a"])
     chunked = token_ids(_core(smol, prefill_chunk=5).generate_all([(request("a", prompt, SEEDED), 0)])["a"])
     assert alone == batched == chunked
+
+
+def _logprobs(outs) -> list[tuple[int, float]]:
+    return [(lp.token_id, lp.logprob) for o in outs for lp in o.logprobs]
+
+
+@pytest.mark.parametrize("model", ["reference", "plain"])
+def test_deterministic_mode_off_the_fused_path(model):
+    """--deterministic on a model the fused kernel does not run (fp32 weights, eager layers; an adapter model
+    with an image, and a plain one): a seeded request's tokens *and their logprobs, to the bit* are the same
+    alone, batched with others, prefilled in chunks of 3, or with its prompt from the prefix cache."""
+    from server.engine.types import ImageInput
+    from tests.engine.conftest import load_reference, tiny_plain
+
+    loaded = load_reference() if model == "reference" else tiny_plain()
+    assert loaded.model.llama.fused is None
+    tok = loaded.tokenizer
+    seeded = SamplingParams(max_tokens=10, temperature=0.9, seed=7, ignore_eos=True, logprobs=True)
+    images = ()
+    if model == "reference":
+        images = (ImageInput(pixels=loaded.model.zero_image()[0] + 0.5, sha256="grey"),)
+    prompt = tok.encode("what is in the picture, and why is it there?", bos=True)
+    others = [tok.encode(t, bos=True) for t in ("another one", "a third prompt, longer than the others are")]
+
+    def core(**kw):
+        return EngineCore.from_config(loaded, EngineConfig(**{"max_context": 128, "max_batch": 4, "dtype": "fp32",
+                                                              "deterministic": True, **kw}))
+
+    def mine(rid="a"):
+        return request(rid, prompt, seeded, images=images)
+
+    alone = _logprobs(core().generate_all([(mine(), 0)])["a"])
+    reqs = [(mine(), 0)] + [(request(f"o{i}", p, SamplingParams(max_tokens=12, temperature=1.0, seed=i)), 0)
+                            for i, p in enumerate(others)]
+    batched = _logprobs(core().generate_all(reqs)["a"])
+    chunked = _logprobs(core(prefill_chunk=3).generate_all([(mine(), 0)])["a"])
+    c = core()
+    c.generate_all([(mine("first"), 0)])
+    cached = _logprobs(c.generate_all([(mine("again"), 0)])["again"])
+    assert c.prompt_tokens_cached_total >= len(prompt) - 1
+    assert len(alone) == 10
+    assert alone == batched == chunked == cached

@@ -19,7 +19,7 @@ def load_reference(**kw):
     return load_llama_adapter(
         llama_dir=REF / "llama" / "tiny",
         tokenizer_path=REF / "tokenizer.model",
-        adapters={"tiny": REF / "adapter.pth"},
+        adapters=kw.pop("adapters", {"tiny": REF / "adapter.pth"}),
         clip_model=str(REF / "clip-tiny.json"),
         clip_weights=REF / "clip-tiny.pt",
         **kw,

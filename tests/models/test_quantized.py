@@ -176,3 +176,89 @@ def test_bf16_weights_are_held_once_in_the_kernel_layout():
     assert isinstance(llama.layers[0].attention.wqkv_packed, Bf16Weight)
     assert all(module.weight is None for module, _ in llama.linears())
     assert abs(llama.weight_bytes() - 134_515_008 * 2) < 0.01 * llama.weight_bytes()
+
+
+def _two_adapters(tmp_path, quantization):
+    """The reference adapter and a perturbed copy (other biases, gates, norms and LoRA) on one int8 base: with
+    two adapters LoRA stays unmerged, so every adapter piece of the fused kernel is exercised."""
+    from tests.models.conftest import REF
+
+    sd = torch.load(REF / "adapter.pth", weights_only=True)
+    gen = torch.Generator().manual_seed(1)
+    model = {k: v + 0.5 * torch.randn(v.shape, generator=gen).to(v.dtype) if k.startswith("llama.") else v
+             for k, v in sd["model"].items()}
+    torch.save({"model": model, "config": sd["config"]}, tmp_path / "other.pth")
+    return load_reference(quantization=quantization,
+                          adapters={"tiny": REF / "adapter.pth", "other": tmp_path / "other.pth"})
+
+
+def _adapter_prefill(lm, ids, vqs, adapter, cache, row, chunk=64):
+    """Logits of every position, prefilled in chunks into cache row `row` as the engine does (with a cache:
+    the fused forward when the model has one)."""
+    pkv = lm.model.prompt_kv(vqs, adapter)
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(ids), chunk):
+            part = ids[s : s + chunk]
+            out.append(lm.model.llama(torch.tensor([part]), torch.arange(s, s + len(part))[None], cache=cache,
+                                      rows=torch.tensor([row]), adapter_ids=torch.tensor([adapter]), prompt_kv=pkv,
+                                      last_only=False)[0])
+    return torch.cat(out)
+
+
+def test_an_adapter_model_runs_the_fused_forward_and_it_matches_the_eager_one(golden, tmp_path):
+    """LLaMA-Adapter V2 through the fused kernel (per-adapter norms, biases, unmerged LoRA, gated adaption
+    prompts with the visual query): the same logits as the eager layers over the same int8 weights, for both
+    adapters (they round activations to int8 alike; what differs is fp32 summation order)."""
+    lm = _two_adapters(tmp_path, "int8")
+    llama = lm.model.llama
+    assert llama.fused is not None and llama.layers[0].attention.wq.lora_l1 is not None  # LoRA not merged
+    ids = golden["prompt_tokens"]
+    vq = lm.model.encode_image(golden["image_tensor"], 0)
+    for adapter in (0, 1):
+        fused = _adapter_prefill(lm, ids, [vq], adapter, KVCache.allocate(llama.args, 2, 128, torch.float32), 1, 5)
+        saved, llama.fused = llama.fused, None
+        try:
+            eager = _adapter_prefill(lm, ids, [vq], adapter, KVCache.allocate(llama.args, 2, 128, torch.float32), 1)
+        finally:
+            llama.fused = saved
+        scale = eager.max() - eager.min()
+        assert (fused - eager).abs().max() <= 2e-3 * scale, ((fused - eager).abs().max(), scale)
+    # and against the golden (fp32) logits of the first adapter, within int8's tolerance (see above)
+    fused = _adapter_prefill(lm, ids, [vq], 0, KVCache.allocate(llama.args, 1, 128, torch.float32), 0)
+    want = golden["prefix_logits"]
+    assert (fused - want).abs().max() <= 0.02 * (want.max() - want.min())
+
+
+def test_an_adapter_tokens_logits_do_not_depend_on_batching_or_chunking(golden, tmp_path):
+    """Through the fused kernel an adapter model's token has the same bits alone, chunked, or decoded in one
+    forward with rows of the other adapter, other images and another number of prompts."""
+    from models.llama import PromptKV
+
+    lm = _two_adapters(tmp_path, "int8")
+    llama, model = lm.model.llama, lm.model
+    ids = golden["prompt_tokens"]
+    vq = model.encode_image(golden["image_tensor"], 0)
+    flipped = model.encode_image(torch.flip(golden["image_tensor"], dims=[-1]), 1)
+    other = ids[:9]
+    one = _adapter_prefill(lm, ids, [vq], 0, KVCache.allocate(llama.args, 3, 128, torch.float32), 2)
+    chunked = _adapter_prefill(lm, ids, [vq], 0, KVCache.allocate(llama.args, 3, 128, torch.float32), 0, chunk=3)
+    assert torch.equal(one, chunked)
+    # decode the last 4 tokens of `ids` in one forward with a row of the other adapter with two images
+    cache = KVCache.allocate(llama.args, 3, 128, torch.float32)
+    n = len(ids) - 4
+    _adapter_prefill(lm, ids[:n], [vq], 0, cache, 2)
+    _adapter_prefill(lm, other, [flipped, flipped], 1, cache, 0)
+    a, b = model.prompt_kv([vq], 0), model.prompt_kv([flipped, flipped], 1)
+    P = b.k.shape[3]
+    pad = torch.zeros_like(a.k[:, :, :, :1]).expand(-1, -1, -1, P - a.k.shape[3], -1)
+    k = torch.cat([torch.cat([a.k, pad], 3), b.k], 1)  # (n_adapted, 2, K, P, D): rows of 10 and 20 prompts
+    v = torch.cat([torch.cat([a.v, pad], 3), b.v], 1)
+    pkv = PromptKV(k.contiguous(), v.contiguous(), rows=torch.tensor([0, 1]), lengths=torch.tensor([a.k.shape[3], P]))
+    decoded = []
+    with torch.inference_mode():
+        for i in range(n, len(ids)):
+            out = llama(torch.tensor([[ids[i]], [other[-1]]]), torch.tensor([[i], [len(other) + i - n]]),
+                        cache=cache, rows=torch.tensor([2, 0]), adapter_ids=torch.tensor([0, 1]), prompt_kv=pkv)
+            decoded.append(out[0])
+    assert torch.equal(one[n:], torch.stack(decoded))
