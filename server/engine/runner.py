@@ -142,14 +142,14 @@ class ModelRunner:
         if deterministic:
             log.info("deterministic: %s", "the fused CPU forward is batch-invariant, nothing changes"
                      if not self.one_token_forwards else "every token runs as its own forward (slower prefill)")
-        if compile_decode and self.one_token_forwards:
+        if compile_decode and self.llama.fused is not None:
+            log.info("compile_decode: not needed, the model runs the fused CPU forward (faster than compiled)")
+        elif compile_decode and self.one_token_forwards:
             log.warning("compile_decode: off in deterministic mode (tokens run one at a time, eagerly)")
         elif compile_decode and self.adapters:
             # Inductor 2.14's oneDNN weight-prepack pass fails on the per-adapter bias/LoRA graph ("expected
             # packed_weight_node.target to be mkldnn._reorder_linear_weight"): adapter models decode eagerly
             log.warning("compile_decode: not available for adapter models (an Inductor prepack bug); decoding eagerly")
-        elif compile_decode and self.llama.fused is not None:
-            log.info("compile_decode: not needed, the model runs the fused CPU forward (faster than compiled)")
         elif compile_decode:
             self.compiled = _compile(self._decode_one)
 
