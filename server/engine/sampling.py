@@ -125,15 +125,25 @@ def sample_row(logits: Tensor, state: SamplingState) -> int:
     return int(order[i]) if order is not None else i
 
 
+def _plain(state: SamplingState) -> bool:
+    p = state.params
+    return p.repetition_penalty == 1.0 and not (p.frequency_penalty or p.presence_penalty or p.logit_bias
+                                                or state.holding_stops)
+
+
 def sample(logits: Tensor, states: list[SamplingState]) -> list[Sampled]:
     """logits (B, V) float32, one state per row → one `Sampled` per row (the states record the token)."""
+    # greedy rows without penalties: one argmax over all of them (per row: the same first maximum), not one
+    # torch call and host sync per row
+    greedy = [b for b, st in enumerate(states) if st.params.temperature == 0 and _plain(st)]
+    picked = dict(zip(greedy, logits[greedy].argmax(-1).tolist() if greedy else (), strict=True))
     out = []
     for b, state in enumerate(states):
         p = state.params
         row = logits[b]
-        plain = p.repetition_penalty == 1.0 and not (p.frequency_penalty or p.presence_penalty or p.logit_bias
-                                                      or state.holding_stops)
-        token = sample_row(row if plain else apply_penalties(row, state), state)
+        token = picked.get(b)
+        if token is None:
+            token = sample_row(row if _plain(state) else apply_penalties(row, state), state)
         state.record(token)
         if p.logprobs or p.top_logprobs:
             logp = torch.log_softmax(row, dim=-1)
