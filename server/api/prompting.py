@@ -4,6 +4,9 @@
   `format_alpaca(text, input=findings)` when experts reported something. Multi-turn chats are not what the
   checkpoints were trained on; they are flattened: the last user message is the instruction and the system
   text, the earlier turns ("User: …" / "Assistant: …") and the findings go to the `### Input:` section.
+- An assistant message last is continued (vLLM's `continue_final_message`): the prompt ends with that message's
+  text, not with an end of turn, and the completion is what comes after it. Alpaca: the text follows
+  "### Response:" as a training example's output does.
 - Chat models ("chat"): the model's own jinja template. The findings are put in front of the (last) user
   message that carried the images ("Image analysis: … Question: …") and a system sentence says where they
   come from: of the layouts we tried, the one the default 135M model grounds its answers in best.
@@ -41,6 +44,7 @@ class ChatInput:
     turns: tuple[Turn, ...]
     image_urls: tuple[str, ...]
     question: str  # the last user message's text: what experts that read the question see
+    continue_final: bool = False  # the last turn is the assistant's: continue it instead of starting a new one
 
 
 def parse_messages(messages: Sequence[ChatMessage]) -> ChatInput:
@@ -61,12 +65,13 @@ def parse_messages(messages: Sequence[ChatMessage]) -> ChatInput:
             text = m.content or ""
         role = "system" if m.role in ("system", "developer") else m.role
         turns.append(Turn(role, text, len(urls) - before, m.name))
-    if turns[-1].role not in ("user", "system"):  # OpenAI also takes a system message last
-        raise bad_request("the last message must be a user (or system) message", "messages", "invalid_messages")
+    if turns[-1].role not in ("user", "system", "assistant"):  # OpenAI also takes a system message last
+        raise bad_request("the last message must be a user, system or assistant message", "messages",
+                          "invalid_messages")
     users = [t for t in turns if t.role == "user"]
     if not users:
         raise bad_request("the conversation needs a user message", "messages", "invalid_messages")
-    return ChatInput(tuple(turns), tuple(urls), users[-1].text)
+    return ChatInput(tuple(turns), tuple(urls), users[-1].text, continue_final=turns[-1].role == "assistant")
 
 
 class PromptBuilder:
@@ -92,14 +97,16 @@ class PromptBuilder:
         return self._chat(chat, findings)
 
     def _alpaca(self, chat: ChatInput, findings: str | None) -> str:
-        at = max(i for i, t in enumerate(chat.turns) if t.role == "user")  # the instruction: the last user turn
-        last, history = chat.turns[at], chat.turns[:at] + chat.turns[at + 1 :]
+        turns = chat.turns[:-1] if chat.continue_final else chat.turns
+        at = max(i for i, t in enumerate(turns) if t.role == "user")  # the instruction: the last user turn
+        last, history = turns[at], turns[:at] + turns[at + 1 :]
         system = "\n".join(t.text for t in history if t.role == "system" and t.text)
         dialogue = "\n".join(f"{'User' if t.role == 'user' else 'Assistant'}: {t.text}"
                              for t in history if t.role != "system")
         sections = [system, f"Conversation so far:\n{dialogue}" if dialogue else "", findings or ""]
         context = "\n\n".join(s for s in sections if s)
-        return format_alpaca(last.text, input=context or None)
+        prompt = format_alpaca(last.text, input=context or None)
+        return prompt + chat.turns[-1].text if chat.continue_final else prompt
 
     def _chat(self, chat: ChatInput, findings: str | None) -> str:
         messages = [{"role": t.role, "content": t.text, **({"name": t.name} if t.name else {})}
@@ -112,10 +119,20 @@ class PromptBuilder:
                 messages[0]["content"] = f"{messages[0]['content']}\n\n{CHAT_SYSTEM_IMAGES}".strip()
             else:
                 messages.insert(0, {"role": "system", "content": f"{CHAT_SYSTEM} {CHAT_SYSTEM_IMAGES}"})
+        final = messages[-1]["content"] if chat.continue_final else ""
+        if chat.continue_final and not final:  # nothing to continue: the reply starts afresh
+            messages, final = messages[:-1], ""
         try:
-            return self.template.render(messages, add_generation_prompt=True)
+            text = self.template.render(messages, add_generation_prompt=not final)
         except Exception as e:  # a template's raise_exception (e.g. roles must alternate)
             raise bad_request(f"the model's chat template refused these messages: {e}", "messages") from None
+        if final:  # cut the end of turn the template wrote after the message: the model goes on from its text
+            at = text.rfind(final)
+            if at < 0:
+                raise bad_request("the model's chat template changed the last assistant message, so it cannot be "
+                                  "continued", "messages", "invalid_messages")
+            text = text[: at + len(final)]
+        return text
 
     # ---------------------------------------------------------------------------------------- tokens
     def encode(self, text: str) -> list[int]:

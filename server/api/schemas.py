@@ -2,7 +2,8 @@
 
 Every parameter is either honoured or refused with a 400 that names it: unknown fields are forbidden, and the
 OpenAI parameters this server does not implement (tools, audio, ...) are accepted only with their "off"
-value. Extensions, as extra body fields: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, and
+value. Extensions, as extra body fields: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, vLLM's `min_tokens`,
+`stop_token_ids` and `include_stop_str_in_output`, and
 `experts` (which experts to run on the images; [] = none). Response models exist for the OpenAPI docs;
 the service builds plain dicts.
 """
@@ -187,6 +188,9 @@ class _Sampling(_Strict):
     ignore_eos: bool = Field(False, description="extension: generate max tokens even past end-of-sequence")
     min_tokens: int = Field(0, ge=0, description="extension (vLLM's): no stop token or stop string before this many")
     stop_token_ids: list[int] | None = Field(None, max_length=64, description="extension (vLLM's): ids that end a choice")
+    include_stop_str_in_output: bool = Field(
+        False, description="extension (vLLM's): the stop string (or stop_token_ids token) that ended a choice stays "
+        "at the end of its text")
 
     @field_validator("stop")
     @classmethod

@@ -264,6 +264,7 @@ class CompletionService:
             stop_token_ids=tuple(req.stop_token_ids or ()),
             min_tokens=req.min_tokens,
             ignore_eos=req.ignore_eos,
+            include_stop_str_in_output=req.include_stop_str_in_output,
             n=req.n,
             logprobs=logprobs,
             top_logprobs=top,

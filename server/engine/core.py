@@ -209,13 +209,15 @@ class EngineCore:
                 tb(s.token_id), tuple(tb(i) for i, _ in s.top),
             ))
         reason = self.scheduler.append_token(seq, s.token_id)
-        if reason != "stop":  # a stop token's text is never shown
+        # a stop token's text is never shown, but for a stop_token_ids one with include_stop_str_in_output
+        if reason != "stop" or (p.include_stop_str_in_output and s.token_id in p.stop_token_ids):
             choice.text += choice.detok.push(s.token_id)
         if p.stop and len(choice.seq.output_ids) >= p.min_tokens:
-            hit = min((i for i in (choice.text.find(x, max(0, choice.emitted - len(x))) for x in p.stop)
-                       if i >= 0), default=-1)
-            if hit >= 0:
-                choice.text = choice.text[:hit]
+            hits = [(i, len(x)) for x in p.stop if (i := choice.text.find(x, max(0, choice.emitted - len(x)))) >= 0]
+            if hits:
+                hit = min(i for i, _ in hits)  # the first stop string in the text, the longest starting there
+                length = max(n for i, n in hits if i == hit)
+                choice.text = choice.text[: hit + length] if p.include_stop_str_in_output else choice.text[:hit]
                 if reason is None:
                     self.scheduler.finish(seq, "stop")
                 reason = "stop"

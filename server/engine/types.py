@@ -27,10 +27,11 @@ class SamplingParams:
     presence_penalty: float = 0.0
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     seed: int | None = None  # same seed → same text, whatever else is in the batch
-    stop: tuple[str, ...] = ()  # the returned text never contains them
+    stop: tuple[str, ...] = ()  # the returned text never contains them (unless include_stop_str_in_output)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0  # before this many output tokens, stop tokens are never sampled and stop strings not checked
+    include_stop_str_in_output: bool = False  # the stop string / stop_token_ids token that ended it ends the text
     n: int = 1  # choices
     logprobs: bool = False
     top_logprobs: int = 0

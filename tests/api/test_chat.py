@@ -355,3 +355,40 @@ def test_tokenize_and_detokenize_match_what_requests_send(client):
     assert client.post("/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
     r = client.post("/detokenize", json={"tokens": [10**9]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+
+
+def test_an_assistant_message_last_is_continued(tiny, spy_requests):
+    """The prompt ends with the assistant's partial message (Alpaca: after "### Response:"); the completion is
+    what follows it, greedy: the same tokens as a completion of that prompt text."""
+    from models.prompts import format_alpaca
+
+    with app_client(tiny) as c:
+        seen = spy_requests(c)
+        messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue and"}]
+        r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": messages, "max_tokens": 4,
+                                                  "temperature": 0, "ignore_eos": True, "experts": []})
+        assert r.status_code == 200, r.text
+        want = tiny.tokenizer.encode(format_alpaca("Name a colour.") + "Blue and", bos=True)
+        assert list(seen[0].prompt_ids) == want
+        plain = c.post("/v1/completions", json={"model": "tiny", "prompt": want, "max_tokens": 4, "temperature": 0,
+                                                 "ignore_eos": True}).json()
+        assert r.json()["choices"][0]["message"]["content"] == plain["choices"][0]["text"]
+
+
+def test_include_stop_str_in_output(client):
+    """vLLM's include_stop_str_in_output: the stop string that ended the choice stays at the end of its text,
+    streamed or not; a stop_token_ids token's text too."""
+    text = chat(client, max_tokens=12, temperature=0, ignore_eos=True).json()["choices"][0]["message"]["content"]
+    stop = next(text[i : i + 2] for i in range(1, len(text) - 1) if text[i : i + 2].strip())
+    kw = {"max_tokens": 12, "temperature": 0, "ignore_eos": True, "stop": [stop], "include_stop_str_in_output": True}
+    out = chat(client, **kw).json()["choices"][0]
+    assert out["finish_reason"] == "stop" and out["message"]["content"] == text[: text.index(stop) + len(stop)]
+    events = sse_events(chat(client, stream=True, **kw).text)
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1]) == out["message"]["content"]
+    first = _completion(client, "a cat", max_tokens=6)
+    ids = client.post("/tokenize", json={"prompt": first.json()["choices"][0]["text"],
+                                         "add_special_tokens": False}).json()["tokens"]
+    kept = _completion(client, "a cat", max_tokens=6, stop_token_ids=ids[:1], include_stop_str_in_output=True).json()
+    assert kept["usage"]["completion_tokens"] == 1 and kept["choices"][0]["finish_reason"] == "stop"
+    token_text = client.post("/detokenize", json={"tokens": ids[:1]}).json()["prompt"]
+    assert kept["choices"][0]["text"] == token_text != ""

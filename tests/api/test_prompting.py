@@ -50,9 +50,22 @@ def test_alpaca_multi_turn_is_flattened():
                                                     "\n\nCaption: a dog.")
 
 
-def test_last_message_must_be_from_the_user():
-    with pytest.raises(APIError):
-        parse_messages(msgs({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}))
+def test_an_assistant_message_last_is_continued():
+    """vLLM's continue_final_message: the prompt ends inside the assistant's message (no end of turn, no new
+    assistant header), so the model goes on from its last word; an empty one is a fresh reply."""
+    convo = ({"role": "user", "content": "Name three colours."}, {"role": "assistant", "content": "Red, green and"})
+    chat = parse_messages(msgs(*convo))
+    assert chat.continue_final and chat.question == "Name three colours."
+    b = PromptBuilder("chat", SMOL_TEMPLATE, CharTokenizer(), 2048)
+    assert b.render(chat, None) == ("<|im_start|>system\nDefault<|im_end|>\n<|im_start|>user\nName three colours."
+                                    "<|im_end|>\n<|im_start|>assistant\nRed, green and")
+    empty = parse_messages(msgs(convo[0], {"role": "assistant", "content": ""}))
+    assert b.render(empty, None) == b.render(parse_messages(msgs(convo[0])), None)
+    alpaca = PromptBuilder("alpaca", None, CharTokenizer(), 2048)
+    assert alpaca.render(chat, "Caption: a dog.") == format_alpaca("Name three colours.", input="Caption: a dog.") \
+        + "Red, green and"
+    with pytest.raises(APIError):  # no user message at all: still refused
+        parse_messages(msgs({"role": "assistant", "content": "Hello"}))
 
 
 def test_chat_template_with_findings():
