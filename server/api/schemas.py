@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
+from server.engine.types import GrammarSpec
+
 # parameter → values that mean "not used"; anything else is refused by name
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "tools": (None, []),
@@ -149,16 +151,79 @@ class StreamOptions(_Strict):
         True, description="accepted (openai-python 2.x sends it); no obfuscation padding is added here")
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
+GRAMMAR_CHARS = 65_536  # a schema, regex or grammar in a request (compiling one costs time: bounded)
 
-    @field_validator("type")
-    @classmethod
-    def _text_only(cls, value: str) -> str:
-        if value != "text":
-            raise ValueError(f"'{value}' is not supported (no constrained decoding); only 'text'")
-        return value
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(..., min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text, json_object (any JSON object) or json_schema (output valid against it;
+    with or without strict, the output is constrained to the schema)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema goes with type 'json_schema', and only there")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: exactly one of choice, regex, json (a schema), grammar (Lark or GBNF),
+    json_object."""
+
+    model_config = ConfigDict(extra="forbid")
+    choice: list[Annotated[str, Field(min_length=1, max_length=1024)]] | None = Field(None, min_length=1, max_length=256)
+    regex: str | None = Field(None, min_length=1, max_length=GRAMMAR_CHARS)
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    grammar: str | None = Field(None, min_length=1, max_length=GRAMMAR_CHARS)
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> StructuredOutputs:
+        given = [k for k in ("choice", "regex", "json_", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError("give exactly one of choice, regex, json, grammar, json_object")
+        return self
+
+
+def _grammar_spec(fmt: ResponseFormat | None, so: StructuredOutputs | None) -> GrammarSpec | None:
+    import json
+
+    if fmt is not None and fmt.type != "text" and so is not None:
+        raise ParamError("structured_outputs", "response_format and structured_outputs both constrain the output: "
+                         "send one")
+    if fmt is not None and fmt.type == "json_object":
+        return GrammarSpec("json_object")
+    if fmt is not None and fmt.type == "json_schema":
+        text = json.dumps(fmt.json_schema.schema_)
+        if len(text) > GRAMMAR_CHARS:
+            raise ParamError("response_format", f"the schema is over {GRAMMAR_CHARS} characters")
+        return GrammarSpec("json_schema", text)
+    if so is None:
+        return None
+    if so.choice is not None:
+        return GrammarSpec("choice", json.dumps(so.choice))
+    if so.regex is not None:
+        return GrammarSpec("regex", so.regex)
+    if so.grammar is not None:
+        return GrammarSpec("grammar", so.grammar)
+    if so.json_ is not None:
+        text = so.json_ if isinstance(so.json_, str) else json.dumps(so.json_)
+        if len(text) > GRAMMAR_CHARS:
+            raise ParamError("structured_outputs", f"the schema is over {GRAMMAR_CHARS} characters")
+        return GrammarSpec("json_schema", text)
+    return GrammarSpec("json_object")
 
 
 StopParam = Annotated[str | Annotated[list[str], Field(min_length=0, max_length=4)] | None, Field(
@@ -191,6 +256,10 @@ class _Sampling(_Strict):
     include_stop_str_in_output: bool = Field(
         False, description="extension (vLLM's): the stop string (or stop_token_ids token) that ended a choice stays "
         "at the end of its text")
+    response_format: ResponseFormat | None = Field(
+        None, description="json_object or json_schema: the output is constrained to it (text: no constraint)")
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="extension (vLLM's): constrain the output to a choice, regex, JSON schema or grammar")
 
     @field_validator("stop")
     @classmethod
@@ -215,11 +284,20 @@ class _Sampling(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _structured(self) -> _Sampling:
+        _grammar_spec(self.response_format, self.structured_outputs)  # the cross-field refusals, at parse time
+        return self
+
+    @model_validator(mode="after")
     def _min_tokens(self) -> _Sampling:
         limit = getattr(self, "max_new_tokens", getattr(self, "max_tokens", None))  # chat | completions
         if limit is not None and self.min_tokens > limit:
             raise ParamError("min_tokens", f"min_tokens ({self.min_tokens}) is more than max_tokens ({limit})")
         return self
+
+    @property
+    def grammar(self) -> GrammarSpec | None:
+        return _grammar_spec(self.response_format, self.structured_outputs)
 
     @property
     def stop_list(self) -> tuple[str, ...]:
@@ -236,7 +314,6 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     experts: list[str] | None = Field(
         None, description="extension: experts to run on the images (default: the server's set; [] = none)")
     # OpenAI parameters without an implementation here: only their "off" values are accepted

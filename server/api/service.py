@@ -265,6 +265,7 @@ class CompletionService:
             min_tokens=req.min_tokens,
             ignore_eos=req.ignore_eos,
             include_stop_str_in_output=req.include_stop_str_in_output,
+            grammar=req.grammar,
             n=req.n,
             logprobs=logprobs,
             top_logprobs=top,

@@ -16,6 +16,7 @@ import torch
 
 from models.loading import DTYPES, LoadedModel
 from models.tokenizer import IncrementalDetokenizer
+from server.engine.grammar import Grammars
 from server.engine.runner import Chunk, ModelRunner
 from server.engine.sampling import Sampled, SamplingState, sample
 from server.engine.scheduler import Scheduler, SchedulerOutput, Sequence
@@ -76,6 +77,7 @@ class EngineCore:
         self.loaded, self.runner, self.scheduler = loaded, runner, scheduler
         self.on_admit = on_admit  # told when a request leaves the waiting queue
         self.tokenizer = loaded.tokenizer
+        self.grammars = Grammars(loaded.tokenizer, loaded.model.llama.args.vocab_size, loaded.stop_ids)
         self.choices: dict[Sequence, _Choice] = {}
         self.prompt_tokens_total = 0  # prompt tokens prefilled
         self.prompt_tokens_cached_total = 0  # prompt tokens reused from a slot's retained K/V instead
@@ -133,6 +135,8 @@ class EngineCore:
             seq = Sequence(request.request_id, i, list(request.prompt_ids), p.max_tokens, stop_ids, cache_key=key,
                            parent=seqs[0] if seqs else None)
             state = SamplingState.create(p, request.prompt_ids, i, stop_ids)
+            if p.grammar is not None:
+                state.matcher = self.grammars.matcher(p.grammar)
             self.choices[seq] = _Choice(seq, request, adapter_id, state, IncrementalDetokenizer(self.tokenizer))
             seqs.append(seq)
         self.scheduler.add(seqs)
@@ -187,7 +191,7 @@ class EngineCore:
     def update(self, seqs: list[Sequence], logits: torch.Tensor | None) -> list[RequestOutput]:
         if not seqs:
             return []
-        sampled = sample(logits, [self.choices[s].sampling for s in seqs])
+        sampled = sample(logits, [self.choices[s].sampling for s in seqs], self.grammars)
         outputs = []
         for seq, s in zip(seqs, sampled, strict=True):
             self.generation_tokens_total += 1
@@ -221,6 +225,9 @@ class EngineCore:
                 if reason is None:
                     self.scheduler.finish(seq, "stop")
                 reason = "stop"
+        if reason is None and choice.sampling.grammar_done:  # a complete structured output: nothing may follow
+            self.scheduler.finish(seq, "stop")
+            reason = "stop"
         if reason is not None:
             return self._finish(seq, reason)
         safe = len(choice.text) - _held_back(choice.text, p.stop)

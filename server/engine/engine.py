@@ -186,6 +186,8 @@ class AsyncEngine:
         if any(not 0 <= t < vocab for t in request.prompt_ids):
             raise ValueError("the prompt has token ids outside the vocabulary")
         validate_params(p, vocab)
+        if p.grammar is not None:
+            self.core.grammars.validate(p.grammar)
         if len(request.prompt_ids) + p.max_tokens > self.max_context:
             raise ContextLengthError(len(request.prompt_ids), p.max_tokens, self.max_context)
         self.adapter_id(request.adapter)

@@ -34,6 +34,7 @@ class SamplingState:
     output_counts: Counter = field(default_factory=Counter)
     stop_ids: frozenset[int] = frozenset()  # masked until `params.min_tokens` tokens are out
     generated: int = 0
+    matcher: object | None = None  # llguidance's LLMatcher of `params.grammar` (see server/engine/grammar.py)
 
     @staticmethod
     def create(params: SamplingParams, prompt_ids, index: int = 0, stop_ids: frozenset[int] = frozenset()
@@ -48,6 +49,13 @@ class SamplingState:
     def record(self, token_id: int) -> None:
         self.output_counts[token_id] += 1
         self.generated += 1
+        if self.matcher is not None:
+            self.matcher.consume_token(token_id)
+
+    @property
+    def grammar_done(self) -> bool:
+        """The grammar is complete: nothing more may follow."""
+        return self.matcher is not None and self.matcher.is_stopped()
 
     @property
     def holding_stops(self) -> bool:
@@ -131,8 +139,17 @@ def _plain(state: SamplingState) -> bool:
                                                 or state.holding_stops)
 
 
-def sample(logits: Tensor, states: list[SamplingState]) -> list[Sampled]:
-    """logits (B, V) float32, one state per row → one `Sampled` per row (the states record the token)."""
+def sample(logits: Tensor, states: list[SamplingState], grammars=None) -> list[Sampled]:
+    """logits (B, V) float32, one state per row → one `Sampled` per row (the states record the token).
+    Rows with a grammar (`grammars`: server.engine.grammar.Grammars) sample only the tokens it allows next;
+    their logprobs stay the model's."""
+    raw = logits
+    constrained = [b for b, st in enumerate(states) if st.matcher is not None]
+    if constrained:
+        allowed = grammars.allowed([states[b].matcher for b in constrained])  # (n, V) bool
+        logits = logits.clone()
+        rows = logits[constrained]
+        logits[constrained] = rows.masked_fill(~allowed[:, : rows.shape[1]], float("-inf"))
     # greedy rows without penalties: one argmax over all of them (per row: the same first maximum), not one
     # torch call and host sync per row
     greedy = [b for b, st in enumerate(states) if st.params.temperature == 0 and _plain(st)]
@@ -146,7 +163,7 @@ def sample(logits: Tensor, states: list[SamplingState]) -> list[Sampled]:
             token = sample_row(row if _plain(state) else apply_penalties(row, state), state)
         state.record(token)
         if p.logprobs or p.top_logprobs:
-            logp = torch.log_softmax(row, dim=-1)
+            logp = torch.log_softmax(raw[b], dim=-1)
             top = ()
             if p.top_logprobs:
                 vals, ids = torch.topk(logp, p.top_logprobs)

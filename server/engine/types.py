@@ -16,6 +16,16 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 
 
 @dataclass(frozen=True)
+class GrammarSpec:
+    """A structured-output constraint (see server/engine/grammar.py): json_schema (value: the schema as JSON),
+    json_object (any JSON object; value unused), regex, choice (value: a JSON list of strings), grammar (Lark or
+    GBNF)."""
+
+    kind: Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+    value: str = ""
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
     temperature: float = 1.0  # 0 = greedy
@@ -32,6 +42,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0  # before this many output tokens, stop tokens are never sampled and stop strings not checked
     include_stop_str_in_output: bool = False  # the stop string / stop_token_ids token that ended it ends the text
+    grammar: GrammarSpec | None = None  # structured output: every token is one the grammar allows
     n: int = 1  # choices
     logprobs: bool = False
     top_logprobs: int = 0

@@ -215,7 +215,8 @@ def test_usage_reports_the_prefix_cache_hit(client):
 @pytest.mark.parametrize("body,param", [
     ({"model": "tiny", "messages": MSG, "frobnicate": 1}, "frobnicate"),
     ({"model": "tiny", "messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"model": "tiny", "messages": MSG, "response_format": {"type": "json_object"}}, "response_format.type"),
+    ({"model": "tiny", "messages": MSG, "response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"model": "tiny", "messages": MSG, "structured_outputs": {"choice": ["a"], "regex": "b"}}, "structured_outputs"),
     ({"model": "tiny", "messages": MSG, "temperature": 3}, "temperature"),
     ({"model": "tiny", "messages": MSG, "n": 0}, "n"),
     ({"model": "tiny", "messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, "stop"),

@@ -56,7 +56,7 @@ def test_errors_map_to_client_exceptions(client):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
-                                       response_format={"type": "json_object"})
+                                       response_format={"type": "yaml"})
     assert e.value.body["param"] == "response_format.type"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
