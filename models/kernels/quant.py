@@ -180,7 +180,7 @@ def _make(fmt, n, k, bits, group, zero, big, codes, scales, mins) -> QuantWeight
     return QuantWeight(fmt, n, k, bits, group, zero, big, pack_codes(codes, bits), _interleave(scales), mins)
 
 
-def quantize(weight: Tensor, mode: str, group: int = 32, rows_per_chunk: int = 4096) -> QuantWeight:
+def quantize(weight: Tensor, mode: str, group: int = 32, rows_per_chunk: int = 1024) -> QuantWeight:
     """A 16/32-bit (N, K) weight → int8 (symmetric, one fp16 scale per 32: Q8_0's scheme) or int4 (a fp16
     scale and offset per 32: Q4_1's scheme). Rounds to nearest with the stored (fp16) scales."""
     N, K = weight.shape
