@@ -27,8 +27,8 @@ def _bits() -> Tensor:
 
 
 class Grammars:
-    """The model's vocabulary as llguidance sees it (built once, on first use: ~1 s for 49k tokens) and the
-    matchers made from it."""
+    """The model's vocabulary as llguidance sees it (built once, on first use: 0.56 s for SmolLM2's 49,152
+    tokens) and the matchers made from it."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_ids: frozenset[int]):
         self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, eos_ids
@@ -57,7 +57,7 @@ class Grammars:
         """The llguidance grammar of a spec; ValueError for one it cannot read."""
         import llguidance
 
-        kind = {"json_object": "json_schema", "grammar": "grammar"}.get(spec.kind, spec.kind)
+        kind = "json_schema" if spec.kind == "json_object" else spec.kind
         text = '{"type": "object"}' if spec.kind == "json_object" else spec.value
         try:
             return llguidance.grammar_from(kind, text)
