@@ -121,7 +121,7 @@ class PromptBuilder:
                 messages.insert(0, {"role": "system", "content": f"{CHAT_SYSTEM} {CHAT_SYSTEM_IMAGES}"})
         final = messages[-1]["content"] if chat.continue_final else ""
         if chat.continue_final and not final:  # nothing to continue: the reply starts afresh
-            messages, final = messages[:-1], ""
+            messages = messages[:-1]
         try:
             text = self.template.render(messages, add_generation_prompt=not final)
         except Exception as e:  # a template's raise_exception (e.g. roles must alternate)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, WithJsonSchema, field_validator, model_validator
 
 from server.engine.types import GrammarSpec
 
@@ -197,6 +197,15 @@ class StructuredOutputs(BaseModel):
         return self
 
 
+def _schema(schema: dict[str, Any] | str, param: str) -> GrammarSpec:
+    import json
+
+    text = schema if isinstance(schema, str) else json.dumps(schema)
+    if len(text) > GRAMMAR_CHARS:
+        raise ParamError(param, f"the schema is over {GRAMMAR_CHARS} characters")
+    return GrammarSpec("json_schema", text)
+
+
 def _grammar_spec(fmt: ResponseFormat | None, so: StructuredOutputs | None) -> GrammarSpec | None:
     import json
 
@@ -206,10 +215,7 @@ def _grammar_spec(fmt: ResponseFormat | None, so: StructuredOutputs | None) -> G
     if fmt is not None and fmt.type == "json_object":
         return GrammarSpec("json_object")
     if fmt is not None and fmt.type == "json_schema":
-        text = json.dumps(fmt.json_schema.schema_)
-        if len(text) > GRAMMAR_CHARS:
-            raise ParamError("response_format", f"the schema is over {GRAMMAR_CHARS} characters")
-        return GrammarSpec("json_schema", text)
+        return _schema(fmt.json_schema.schema_, "response_format")
     if so is None:
         return None
     if so.choice is not None:
@@ -219,10 +225,7 @@ def _grammar_spec(fmt: ResponseFormat | None, so: StructuredOutputs | None) -> G
     if so.grammar is not None:
         return GrammarSpec("grammar", so.grammar)
     if so.json_ is not None:
-        text = so.json_ if isinstance(so.json_, str) else json.dumps(so.json_)
-        if len(text) > GRAMMAR_CHARS:
-            raise ParamError("structured_outputs", f"the schema is over {GRAMMAR_CHARS} characters")
-        return GrammarSpec("json_schema", text)
+        return _schema(so.json_, "structured_outputs")
     return GrammarSpec("json_object")
 
 
@@ -283,9 +286,11 @@ class _Sampling(_Strict):
             raise ParamError("stream_options", "stream_options is only allowed with stream: true")
         return self
 
+    _grammar: GrammarSpec | None = PrivateAttr(None)
+
     @model_validator(mode="after")
     def _structured(self) -> _Sampling:
-        _grammar_spec(self.response_format, self.structured_outputs)  # the cross-field refusals, at parse time
+        self._grammar = _grammar_spec(self.response_format, self.structured_outputs)  # refusals at parse time
         return self
 
     @model_validator(mode="after")
@@ -297,7 +302,7 @@ class _Sampling(_Strict):
 
     @property
     def grammar(self) -> GrammarSpec | None:
-        return _grammar_spec(self.response_format, self.structured_outputs)
+        return self._grammar
 
     @property
     def stop_list(self) -> tuple[str, ...]:

@@ -201,19 +201,16 @@ class ModelRunner:
             self.slot_prompts[dst] = self.slot_prompts[src]
 
     def _batch_inputs(self, slots: list[int]) -> tuple[Tensor | None, PromptKV | None]:
+        """Each batch row's adapter id and its slot's adaption prompts, referenced in place (by row: the fused
+        forward reads them there; the eager one gathers them, see PromptKV.gathered)."""
         if not self.adapters:
             return None, None
-        idx = torch.tensor(slots, device=self.device)
+        idx = self._ids(slots)
         adapter_ids = self.slot_adapter[idx]  # (B,)
         if not self.prompts_on:
             return adapter_ids, None
-        counts = [self.slot_prompts[s] for s in slots]
-        P = max(counts)
-        k, v = self.prompt_k[:, idx, :, :P], self.prompt_v[:, idx, :, :P]  # (n_adapted, B, K, P, D)
-        mask = None
-        if min(counts) != P:
-            mask = torch.arange(P, device=self.device)[None, :] < torch.tensor(counts, device=self.device)[:, None]
-        return adapter_ids, PromptKV(k, v, mask)
+        return adapter_ids, PromptKV(self.prompt_k, self.prompt_v, rows=idx,
+                                     lengths=self._ids([self.slot_prompts[s] for s in slots]))
 
     # ------------------------------------------------------------------------------------------- forwards
 
@@ -267,7 +264,7 @@ class ModelRunner:
     def _forward_packed(self, chunks: list[Chunk]) -> Tensor | None:
         """Every token of the step as its own batch row (its cache row, its position), in one fused forward:
         the kernel writes all new K/V before any query reads, so a prompt's tokens see each other."""
-        tokens, rows, positions, want, slots = [], [], [], [], []
+        tokens, rows, positions, want, slots = [], [], [], [], []  # per token
         for c in chunks:
             tokens += c.tokens
             rows += [self.rows.row(c.slot)] * len(c.tokens)
@@ -275,13 +272,7 @@ class ModelRunner:
             positions += range(c.start, c.start + len(c.tokens))
             if c.logits:
                 want.append(len(tokens) - 1)
-        adapter_ids = pkv = None
-        if self.adapters:
-            idx = self._ids(slots)
-            adapter_ids = self.slot_adapter[idx]
-            if self.prompts_on:  # each token reads its slot's prompts in place (no copy per token)
-                pkv = PromptKV(self.prompt_k, self.prompt_v, rows=idx,
-                               lengths=self._ids([self.slot_prompts[s] for s in slots]))
+        adapter_ids, pkv = self._batch_inputs(slots)  # each token reads its slot's prompts in place
         logits = self.llama(self._ids(tokens)[:, None], self._ids(positions)[:, None], cache=self.cache,
                             rows=self._ids(rows), adapter_ids=adapter_ids, prompt_kv=pkv,
                             logit_index=self._ids(want or [0]))  # [0]: one row nobody reads
@@ -293,12 +284,7 @@ class ModelRunner:
         out = []
         for c in chunks:
             row = self._ids([self.rows.row(c.slot)])
-            adapter_ids, pkv = None, None
-            if self.adapters:
-                adapter_ids = self.slot_adapter[self._ids([c.slot])]
-                if self.prompts_on:
-                    pkv = PromptKV(self.prompt_k, self.prompt_v, rows=self._ids([c.slot]),
-                                   lengths=self._ids([self.slot_prompts[c.slot]]))
+            adapter_ids, pkv = self._batch_inputs([c.slot])
             for i, token in enumerate(c.tokens):
                 logits = self.llama(self._ids([[token]]), self._ids([[c.start + i]]), cache=self.cache, rows=row,
                                     adapter_ids=adapter_ids, prompt_kv=pkv)

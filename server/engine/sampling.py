@@ -148,8 +148,7 @@ def sample(logits: Tensor, states: list[SamplingState], grammars=None) -> list[S
     if constrained:
         allowed = grammars.allowed([states[b].matcher for b in constrained])  # (n, V) bool
         logits = logits.clone()
-        rows = logits[constrained]
-        logits[constrained] = rows.masked_fill(~allowed[:, : rows.shape[1]], float("-inf"))
+        logits[constrained] = logits[constrained].masked_fill(~allowed, float("-inf"))
     # greedy rows without penalties: one argmax over all of them (per row: the same first maximum), not one
     # torch call and host sync per row
     greedy = [b for b, st in enumerate(states) if st.params.temperature == 0 and _plain(st)]
