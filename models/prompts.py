@@ -38,11 +38,13 @@ class ChatTemplate:
         self.template = env.from_string(source)
         self.source = source
         self.bos_token, self.eos_token = bos_token, eos_token
+        self.takes_tools = "tools" in source  # HF templates that render a `tools` list (Qwen, Hermes, Llama 3.1)
 
-    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> str:
         return self.template.render(
             messages=list(messages),
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
+            **extra,
         )

@@ -79,16 +79,14 @@ def _arrival(request: Request) -> float:
     200: {"model": ChatCompletion, "description": "JSON, or `text/event-stream` chunks with stream: true",
           "content": {"text/event-stream": {}}}, **ERRORS})
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: ServiceDep) -> Response:
-    job = await service.prepare_chat(body, request.state.request_id, _arrival(request))
-    return await service.respond(request, job)
+    return await service.chat(request, body, _arrival(request))
 
 
 @api.post("/completions", response_model=None, responses={
     200: {"model": Completion, "description": "JSON, or `text/event-stream` chunks with stream: true",
           "content": {"text/event-stream": {}}}, **ERRORS})
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Response:
-    job = await service.prepare_completion(body, request.state.request_id, _arrival(request))
-    return await service.respond(request, job)
+    return await service.completion(request, body, _arrival(request))
 
 
 @api.get("/models", response_model=ModelList, responses=ERRORS)

@@ -1,8 +1,8 @@
 """Wire types: the OpenAI Chat Completions / Completions subset we serve, plus our extensions.
 
 Every parameter is either honoured or refused with a 400 that names it: unknown fields are forbidden, and the
-OpenAI parameters this server does not implement (tools, audio, ...) are accepted only with their "off"
-value. Extensions, as extra body fields: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, vLLM's `min_tokens`,
+OpenAI parameters this server does not implement (audio, the deprecated functions, ...) are accepted only with
+their "off" value. Extensions, as extra body fields: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, vLLM's `min_tokens`,
 `stop_token_ids` and `include_stop_str_in_output`, and
 `experts` (which experts to run on the images; [] = none). Response models exist for the OpenAPI docs;
 the service builds plain dicts.
@@ -10,6 +10,7 @@ the service builds plain dicts.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, WithJsonSchema, field_validator, model_validator
@@ -18,9 +19,6 @@ from server.engine.types import GrammarSpec
 
 # parameter → values that mean "not used"; anything else is refused by name
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "parallel_tool_calls": (None,),
     "functions": (None, []),
     "function_call": (None, "none"),
     "audio": (None,),
@@ -59,6 +57,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+GRAMMAR_CHARS = 65_536  # a schema, regex or grammar in a request (compiling one costs time: bounded)
+
 # --------------------------------------------------------------------------------------------- messages
 
 
@@ -86,20 +86,47 @@ class ImagePart(_Strict):
 ContentPart = Annotated[TextPart | ImagePart | RefusalPart, Field(discriminator="type")]
 
 
+TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class FunctionCall(_Strict):
+    name: str = Field(..., pattern=TOOL_NAME)
+    arguments: str = Field(..., max_length=GRAMMAR_CHARS, description="JSON text")
+
+
+class ToolCallParam(_Strict):
+    """A tool call of an earlier assistant message, as the API returned it."""
+
+    id: str = Field(..., min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     refusal: str | None = None
-    tool_calls: Off = None
+    tool_calls: list[ToolCallParam] | None = Field(None, max_length=128)
+    tool_call_id: str | None = Field(None, max_length=128, description="tool messages: the call this answers")
     function_call: Off = None
 
     @field_validator("role", mode="before")
     @classmethod
     def _role(cls, value: Any) -> Any:
-        if value in ("tool", "function"):
-            raise ValueError(f"'{value}' messages are not supported: this server has no tool calling")
+        if value == "function":
+            raise ValueError("'function' messages (the deprecated functions API) are not supported: use tools and "
+                             "'tool' messages")
         return value
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ParamError("tool_calls", "only assistant messages carry tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ParamError("tool_call_id", "a tool message needs the tool_call_id it answers (and only tool "
+                             "messages have one)")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -120,11 +147,11 @@ class ChatMessage(_Strict):
                 raise ValueError(f"part {i}: image_url must be an object {{\"url\": ...}}, not a string")
         return value
 
-    @field_validator("tool_calls", "function_call")
+    @field_validator("function_call")
     @classmethod
-    def _no_tools(cls, value: Any) -> Any:
+    def _no_functions(cls, value: Any) -> Any:
         if value not in (None, []):
-            raise ValueError("tool calls are not supported by this server")
+            raise ValueError("function_call (the deprecated functions API) is not supported: use tool_calls")
         return None
 
     @model_validator(mode="after")
@@ -149,9 +176,6 @@ class StreamOptions(_Strict):
     include_usage: bool = False
     include_obfuscation: bool = Field(
         True, description="accepted (openai-python 2.x sends it); no obfuscation padding is added here")
-
-
-GRAMMAR_CHARS = 65_536  # a schema, regex or grammar in a request (compiling one costs time: bounded)
 
 
 class JsonSchemaFormat(BaseModel):
@@ -198,8 +222,6 @@ class StructuredOutputs(BaseModel):
 
 
 def _schema(schema: dict[str, Any] | str, param: str) -> GrammarSpec:
-    import json
-
     text = schema if isinstance(schema, str) else json.dumps(schema)
     if len(text) > GRAMMAR_CHARS:
         raise ParamError(param, f"the schema is over {GRAMMAR_CHARS} characters")
@@ -207,8 +229,6 @@ def _schema(schema: dict[str, Any] | str, param: str) -> GrammarSpec:
 
 
 def _grammar_spec(fmt: ResponseFormat | None, so: StructuredOutputs | None) -> GrammarSpec | None:
-    import json
-
     if fmt is not None and fmt.type != "text" and so is not None:
         raise ParamError("structured_outputs", "response_format and structured_outputs both constrain the output: "
                          "send one")
@@ -227,6 +247,58 @@ def _grammar_spec(fmt: ResponseFormat | None, so: StructuredOutputs | None) -> G
     if so.json_ is not None:
         return _schema(so.json_, "structured_outputs")
     return GrammarSpec("json_object")
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(..., pattern=TOOL_NAME)
+    description: str | None = Field(None, max_length=GRAMMAR_CHARS)
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}},
+                                       description="a JSON schema; the call's arguments always validate against it")
+    strict: bool | None = Field(None, description="accepted: the arguments are always constrained to the schema")
+
+
+class ToolParam(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    @property
+    def name(self) -> str:
+        return self.function.name
+
+    @property
+    def description(self) -> str | None:
+        return self.function.description
+
+    @property
+    def parameters_json(self) -> str:
+        return json.dumps(self.function.parameters)
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+    @property
+    def name(self) -> str:
+        return self.function.name
+
+
+def check_tools(tools: list | None, choice: Any) -> None:
+    """Tool names unique, schemas bounded, a named or required tool_choice with tools to choose from."""
+    names = [t.name for t in tools or ()]
+    if len(set(names)) != len(names):
+        raise ParamError("tools", "tool names must be unique")
+    if sum(len(t.parameters_json) for t in tools or ()) > GRAMMAR_CHARS:
+        raise ParamError("tools", f"the tools' schemas are over {GRAMMAR_CHARS} characters together")
+    if choice is not None and choice not in ("none", "auto") and not tools:
+        raise ParamError("tool_choice", "tool_choice 'required' or a named function needs tools")
+    named = getattr(choice, "name", None)
+    if named is not None and named not in names:
+        raise ParamError("tool_choice", f"tool_choice names {named!r}, which is not among the tools")
 
 
 StopParam = Annotated[str | Annotated[list[str], Field(min_length=0, max_length=4)] | None, Field(
@@ -321,10 +393,11 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     experts: list[str] | None = Field(
         None, description="extension: experts to run on the images (default: the server's set; [] = none)")
+    tools: list[ToolParam] | None = Field(None, max_length=128, description="functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: auto with tools; the calls are constrained to the functions' schemas")
+    parallel_tool_calls: bool | None = Field(None, description="default true: several calls in one reply")
     # OpenAI parameters without an implementation here: only their "off" values are accepted
-    tools: Off = None
-    tool_choice: Off = None
-    parallel_tool_calls: Off = None
     functions: Off = None
     function_call: Off = None
     audio: Off = None
@@ -345,6 +418,11 @@ class ChatCompletionRequest(_Sampling):
     @classmethod
     def _off(cls, value: Any, info) -> Any:
         return _unsupported(info.field_name, value)
+
+    @model_validator(mode="after")
+    def _tools(self) -> ChatCompletionRequest:
+        check_tools(self.tools, self.tool_choice)
+        return self
 
     @model_validator(mode="after")
     def _checks(self) -> ChatCompletionRequest:
@@ -446,16 +524,23 @@ class ExpertReport(BaseModel):
     data: list[dict] = Field(default_factory=list, description="structured findings: boxes, scores, OCR lines")
 
 
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="null when the reply is only tool calls")
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: dict | None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
 
 
 class ChatCompletion(BaseModel):

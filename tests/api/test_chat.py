@@ -214,7 +214,13 @@ def test_usage_reports_the_prefix_cache_hit(client):
 
 @pytest.mark.parametrize("body,param", [
     ({"model": "tiny", "messages": MSG, "frobnicate": 1}, "frobnicate"),
-    ({"model": "tiny", "messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"model": "tiny", "messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}] * 2}, "tools"),
+    ({"model": "tiny", "messages": MSG, "tools": [{"type": "function", "function": {"name": "f g"}}]},
+     "tools[0].function.name"),
+    ({"model": "tiny", "messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ({"model": "tiny", "messages": MSG, "tool_choice": "required"}, "tool_choice"),
+    ({"model": "tiny", "messages": MSG + [{"role": "tool", "content": "x"}]}, "messages[1].tool_call_id"),
     ({"model": "tiny", "messages": MSG, "response_format": {"type": "yaml"}}, "response_format.type"),
     ({"model": "tiny", "messages": MSG, "structured_outputs": {"choice": ["a"], "regex": "b"}}, "structured_outputs"),
     ({"model": "tiny", "messages": MSG, "temperature": 3}, "temperature"),
@@ -222,7 +228,7 @@ def test_usage_reports_the_prefix_cache_hit(client):
     ({"model": "tiny", "messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"model": "tiny", "messages": MSG, "logit_bias": {"abc": 1}}, "logit_bias"),
     ({"model": "tiny", "messages": MSG, "logit_bias": {"100000": 1}}, "logit_bias"),
-    ({"model": "tiny", "messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
+    ({"model": "tiny", "messages": [{"role": "function", "content": "x", "name": "f"}]}, "messages[0].role"),
     ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
      "messages[0].content"),
     ({"model": "tiny", "messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
