@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from server.engine.types import GrammarSpec
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\S)')
 
 
 @dataclass(frozen=True)
