@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     request_timeout: float = Field(600.0, gt=0, description="seconds; a request is aborted after it")
     drain_timeout: float = Field(30.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
     sse_keepalive: float = Field(5.0, gt=0, description="seconds of silence after which a stream sends an SSE comment")
+    response_store: int = Field(
+        256, ge=0, description="Responses API: responses kept in memory for previous_response_id and GET (oldest "
+        "dropped first); 0 = none kept")
 
     # --- experts
     experts: Annotated[list[str], NoDecode] = Field(

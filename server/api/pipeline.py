@@ -128,8 +128,8 @@ class Job:
     experts_report: list[dict] | None = None
 
     def __post_init__(self) -> None:
-        prefix = {"chat": "chatcmpl", "completion": "cmpl", "responses": "resp"}[self.plan.kind]
-        self.id = self.id or f"{prefix}-{uuid.uuid4().hex}"
+        prefix = {"chat": "chatcmpl-", "completion": "cmpl-", "responses": "resp_"}[self.plan.kind]
+        self.id = self.id or f"{prefix}{uuid.uuid4().hex}"
         self.prompt_ids = self.prompt_ids or [p.ids for p in self.plan.prompts]
 
     @property

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from concurrent.futures import Executor
 from typing import Any
 
 from server.api.errors import APIError, bad_request
 from server.api.pipeline import EngineClient, Plan, Prompt
 from server.api.prompting import ChatInput, PromptBuilder, parse_messages
+from server.api.responses import ResponsesRequest, ResponseStore, conversation
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.api.tools import Tool, ToolSet
 from server.engine.types import GenerateRequest, GrammarSpec, SamplingParams
@@ -142,6 +144,28 @@ class Planner:
                     max_tokens=req.max_tokens, stream=req.stream, include_usage=req.include_usage, user=req.user)
         self.check_length(plan)
         return plan
+
+    async def responses(self, req: ResponsesRequest, store: ResponseStore) -> Plan:
+        adapter = self.resolve_model(req.model)
+        tools = tool_set(req.tools, req.tool_choice, req.parallel_tool_calls, req.grammar)
+        grammar = tools.grammar() if tools is not None and tools.active else req.grammar
+        chat, carried = conversation(req, store)
+        choice = req.tool_choice or "auto"
+        echo = {
+            "instructions": req.instructions, "metadata": req.metadata or {},
+            "parallel_tool_calls": req.parallel_tool_calls is not False, "previous_response_id": req.previous_response_id,
+            "store": req.store is not False and store.size > 0, "temperature": req.temperature, "top_p": req.top_p,
+            "text": {"format": req.text.format.model_dump(by_alias=True, exclude_none=True)
+                     if req.text is not None and req.text.format is not None else {"type": "text"}},
+            "tool_choice": choice if isinstance(choice, str) else choice.model_dump(),
+            "tools": [{**t.model_dump(exclude_none=True), "parameters": json.loads(t.parameters_json),
+                       "strict": bool(t.strict)} for t in req.tools or ()],
+            "carried": carried,
+        }
+        return await self.plan_chat_input(
+            chat, kind="responses", model=req.model, adapter=adapter,
+            sampling=self.sampling(req, logprobs=False, top=0, grammar=grammar), max_tokens=req.max_output_tokens,
+            tools=tools, experts=req.experts, stream=req.stream, user=req.user, extra=echo)
 
     # ---------------------------------------------------------------------------------- tokenizer
     async def tokenize(self, req: TokenizeRequest) -> dict:

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from server.api.errors import APIError, not_ready
+from server.api.responses import ResponsesRequest
 from server.api.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -87,6 +88,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
           "content": {"text/event-stream": {}}}, **ERRORS})
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Response:
     return await service.completion(request, body, _arrival(request))
+
+
+@api.post("/responses", response_model=None, responses={
+    200: {"description": "a `response` object, or `text/event-stream` events with stream: true",
+          "content": {"text/event-stream": {}}}, **ERRORS})
+async def responses(body: ResponsesRequest, request: Request, service: ServiceDep) -> Response:
+    return await service.responses(request, body, _arrival(request))
+
+
+@api.get("/responses/{response_id}", responses=ERRORS)
+async def get_response(response_id: str, service: ServiceDep) -> dict:
+    return service.stored_response(response_id)
+
+
+@api.delete("/responses/{response_id}", responses=ERRORS)
+async def delete_response(response_id: str, service: ServiceDep) -> dict:
+    return service.delete_response(response_id)
 
 
 @api.get("/models", response_model=ModelList, responses=ERRORS)

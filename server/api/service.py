@@ -15,6 +15,7 @@ from server.api.metrics import Metrics
 from server.api.pipeline import EngineClient, Pipeline
 from server.api.plans import Planner
 from server.api.prompting import PromptBuilder
+from server.api.responses import ResponsesFormat, ResponsesRequest, ResponseStore
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.settings import Settings
 
@@ -28,6 +29,8 @@ class CompletionService:
         self.plans = Planner(settings, engine, builder, experts, executor)
         self.pipeline = Pipeline(settings, engine, builder, images, metrics, experts, executor)
         self.adapters, self.model_ids = self.plans.adapters, self.plans.model_ids
+        self.store = ResponseStore(settings.response_store)
+        self.responses_format = ResponsesFormat(self.store)
         self.created = int(time.time())
 
     @property
@@ -43,6 +46,17 @@ class CompletionService:
 
     async def completion(self, http: Request, req: CompletionRequest, arrival: float):
         return await self.pipeline.handle(http, await self.plans.completion(req), COMPLETION, arrival)
+
+    async def responses(self, http: Request, req: ResponsesRequest, arrival: float):
+        plan = await self.plans.responses(req, self.store)
+        return await self.pipeline.handle(http, plan, self.responses_format, arrival)
+
+    def stored_response(self, response_id: str) -> dict:
+        return self.store.get(response_id)[0]
+
+    def delete_response(self, response_id: str) -> dict:
+        self.store.delete(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
 
     def list_models(self) -> dict:
         return {"object": "list", "data": [
