@@ -71,15 +71,20 @@ class Planner:
             grammar=grammar, n=get("n", 1), logprobs=logprobs, top_logprobs=top,
         )
 
-    def check_length(self, plan: Plan) -> None:
+    async def check_length(self, plan: Plan) -> None:
         """ContextLengthError (→ 400 with the numbers) or a 400 for a parameter the engine refuses, unless each
-        prompt + the tokens asked for fit."""
+        prompt + the tokens asked for fit. A grammar is compiled here (off the event loop: a large schema takes
+        a while), so a bad one is a 400 before admission and the engine gets it from the compiled cache."""
+        loop = asyncio.get_running_loop()
         for k, prompt in enumerate(plan.prompts):
             request = GenerateRequest(
                 request_id=f"check-{k}", prompt_ids=prompt.ids, adapter=plan.adapter,
                 sampling=dataclasses.replace(plan.sampling, max_tokens=max(1, plan.max_tokens or 1)))
             try:
-                self.engine.validate(request)
+                if plan.sampling.grammar is None:
+                    self.engine.validate(request)
+                else:
+                    await loop.run_in_executor(self.executor, self.engine.validate, request)
             except ValueError as e:  # the engine's refusal of a parameter value
                 raise bad_request(str(e), code="invalid_value") from None
 
@@ -110,7 +115,7 @@ class Planner:
         plan = Plan(kind=kind, model=model, adapter=adapter, sampling=sampling, prompts=(Prompt(tuple(ids)),),
                     max_tokens=max_tokens, chat=chat, expert_names=names, tools=tools, stream=stream,
                     include_usage=include_usage, user=user, extra=extra or {})
-        self.check_length(plan)
+        await self.check_length(plan)
         return plan
 
     # --------------------------------------------------------------------------------- per shape
@@ -142,7 +147,7 @@ class Planner:
         sampling = self.sampling(req, logprobs=req.logprobs is not None, top=req.logprobs or 0, grammar=req.grammar)
         plan = Plan(kind="completion", model=req.model, adapter=adapter, sampling=sampling, prompts=tuple(prompts),
                     max_tokens=req.max_tokens, stream=req.stream, include_usage=req.include_usage, user=req.user)
-        self.check_length(plan)
+        await self.check_length(plan)
         return plan
 
     async def responses(self, req: ResponsesRequest, store: ResponseStore) -> Plan:
