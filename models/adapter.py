@@ -16,8 +16,13 @@ from models.llama import PromptKV, Transformer
 from models.visual import ClipTower, VisualAdapter
 
 
+class NoVisual(nn.Module):
+    """The visual path of a bank row that has none (a server's base row, a free row): it takes no image, and its
+    rows get zero adaption prompts, which with its zero gate add exactly nothing."""
+
+
 class LlamaAdapterV2(nn.Module):
-    def __init__(self, args: ModelArgs, clip: ClipTower | None, visual: list[VisualAdapter]):
+    def __init__(self, args: ModelArgs, clip: ClipTower | None, visual: list[VisualAdapter | NoVisual]):
         super().__init__()
         if len(visual) != args.n_adapters:
             raise ValueError(f"{len(visual)} visual adapters for n_adapters={args.n_adapters}")
@@ -25,6 +30,24 @@ class LlamaAdapterV2(nn.Module):
         self.llama = Transformer(args)
         self.clip = clip
         self.visual = nn.ModuleList(visual)
+
+    def has_visual(self, adapter_id: int) -> bool:
+        return isinstance(self.visual[adapter_id], VisualAdapter)
+
+    @torch.no_grad()
+    def install(self, adapter_id: int, row: dict[str, Tensor], visual: VisualAdapter | NoVisual) -> None:
+        """Writes an adapter into bank row `adapter_id` (every bank tensor: `models.loading.read_runtime_adapter`)
+        and sets its visual path. In place, so what refers to the banks (the fused forward) sees it; the caller
+        makes sure no running sequence uses the row."""
+        names = {n for n, _ in self.llama.named_parameters()}
+        banks = {n for n in names if not n.endswith(".weight") or "norm" in n}
+        if set(row) != banks:
+            raise ValueError(f"an adapter row needs every bank: missing {sorted(banks - set(row))[:4]}, "
+                             f"unknown {sorted(set(row) - banks)[:4]}")
+        for name, t in row.items():
+            param = self.llama.get_parameter(name)
+            param[adapter_id].copy_(t.reshape(param.shape[1:]).to(param.dtype))
+        self.visual[adapter_id] = visual
 
     @property
     def multimodal(self) -> bool:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.adapter import LlamaAdapterV2
+from models.adapter import LlamaAdapterV2, NoVisual
 from models.config import ModelArgs, VisualArgs
 from models.kernels import quant
 from models.llama import Transformer
@@ -413,12 +413,71 @@ def _check_complete(args: ModelArgs, adapters: list[tuple[AdapterSpec, dict[str,
                     "truncated or edited: download it again.")
 
 
+@dataclass(frozen=True)
+class RuntimeBanks:
+    """Room for adapters loaded while serving: `slots` free bank rows, LoRA banks of `lora_rank`, and the
+    adaption-prompt geometry to use when no adapter is given at start (the published V2 adapters': 10, 31)."""
+
+    slots: int
+    lora_rank: int = 16
+    query_len: int = 10
+    query_layer: int = 31
+    base_name: str | None = None  # the base row's model id (default: the LLaMA folder's name)
+
+
+def _visual_adapter(spec: AdapterSpec, sd: Mapping[str, Tensor], hp: dict, clip: ClipTower, clip_model: str):
+    vargs = VisualArgs(**{k: hp[k] for k in VisualArgs.__dataclass_fields__})
+    if clip.output_dim != vargs.clip_dim:
+        raise CheckpointError(
+            f"{spec.path}: expects {vargs.clip_dim}-dim CLIP features, {clip_model} gives "
+            f"{clip.output_dim}; use the CLIP model the adapter was trained with (ViT-L-14)."
+        )
+    with _on_meta():
+        va = VisualAdapter(vargs)
+    vis_sd = {k: v for k, v in sd.items() if not k.startswith("llama.")}
+    _load_strict(va, vis_sd, torch.float32, str(spec.path))  # visual path kept in fp32
+    return va
+
+
+def read_runtime_adapter(model: LlamaAdapterV2, name: str, path: Path, clip_model: str = "the server's CLIP"
+                         ) -> tuple[dict[str, Tensor], VisualAdapter]:
+    """An adapter file for a running server: its bank row (every bank tensor, defaults where the file has
+    none) and its visual path, with the load-time checks and errors (CheckpointError) and one more: it must
+    fit the banks (the adaption-prompt geometry, the LoRA rank). Reads files only: the engine installs it."""
+    args = model.llama.args
+    spec, sd = read_adapter(name, path)
+    hp = adapter_hparams(spec, sd)
+    if hp["llm_dim"] != args.dim:
+        raise CheckpointError(f"{path}: adapter is for a {hp['llm_dim']}-dim LLaMA but this server's base is "
+                              f"{args.dim}-dim; use the base model the adapter was trained on.")
+    for key in ("query_len", "query_layer"):
+        if hp[key] != getattr(args, key):
+            raise CheckpointError(f"{path}: {key} {hp[key]}, but the adapters of this server have "
+                                  f"{getattr(args, key)}: load it on a server of its own.")
+    llama = model.llama
+    state: dict[str, Tensor] = {"llama.norm.weight": llama.norm.weight[0].detach().float()}
+    for i, layer in enumerate(llama.layers):
+        p = f"llama.layers.{i}"
+        state[f"{p}.attention_norm.weight"] = layer.attention_norm.weight[0].detach().float()
+        state[f"{p}.ffn_norm.weight"] = layer.ffn_norm.weight[0].detach().float()
+        for group, names in _ADAPTER_LINEARS.items():
+            for w in names:
+                lin = getattr(getattr(layer, group), w)
+                shape = (lin.lora_l2.shape[1], lin.lora_l1.shape[2])  # (out, in), whatever form the weight is in
+                state[f"{p}.{group}.{w}.weight"] = torch.empty(shape, device="meta")
+    _adapter_banks(state, args, [(spec, sd)])
+    row = {k.removeprefix("llama."): v[0] for k, v in state.items() if not k.endswith(".weight") or "norm" in k}
+    return row, _visual_adapter(spec, sd, hp, model.clip, clip_model)
+
+
 def _adapter_banks(
     state: dict[str, Tensor], args: ModelArgs, adapters: list[tuple[AdapterSpec, dict[str, Tensor]]]
 ) -> None:
     """Stack every adapter's LLaMA-side tensors into banks (defaults: bias 0, gate 0, new_gate 1, base norms).
 
-    Every `llama.*` key of every adapter must be consumed here with the shape the base implies.
+    Every `llama.*` key of every adapter must be consumed here with the shape the base implies. An adapter with
+    an empty state dict is a row of defaults: exactly the base model (the base row and the free rows of a
+    server that loads adapters at run time). `state` needs the base norms and the base weights' shapes only.
     """
     used: list[set[str]] = [set() for _ in adapters]
 
@@ -446,6 +505,9 @@ def _adapter_banks(
             t = sd.get(key)
             if t is not None:  # a smaller rank pads with zeros, which is exact
                 r = t.shape[rank_dim]
+                if r > args.lora_rank:
+                    raise CheckpointError(f"{adapters[a][0].path}: LoRA rank {r}, more than this server's banks "
+                                          f"hold ({args.lora_rank}); raise --max-lora-rank")
                 want = (r, shape[1]) if rank_dim == 0 else (shape[0], r)
                 window = row[:r] if rank_dim == 0 else row[:, :r]
                 window.copy_(take(a, key, want))
@@ -467,7 +529,7 @@ def _adapter_banks(
                     lora_bank(f"{p}.{group}.{w}.lora_l2", f"{p}.{group}.lora_{w}_l2.weight", (out_f, r), 1)
         if args.query_len:
             for spec, sd in adapters:
-                if f"{p}.attention.gate" not in sd and i in args.adapted_layers:
+                if sd and f"{p}.attention.gate" not in sd and i in args.adapted_layers:
                     raise CheckpointError(
                         f"{spec.path}: {p}.attention.gate is missing: layer {i} takes adaption prompts and needs "
                         "its gate (a default of 0 would silently switch the image off). The file is incomplete "
@@ -502,12 +564,15 @@ def load_llama_adapter(
     merge_lora: bool = False,
     quantization: str = "auto",
     progress: Callable[[str], None] = log.info,
+    runtime: RuntimeBanks | None = None,
 ) -> LoadedModel:
     """Meta LLaMA + one or more LLaMA-Adapter V2 adapters (+ CLIP) → a model whose banks hold every adapter.
 
     With no adapters this loads a plain Meta LLaMA (any version) prompted with the Alpaca template.
     `quantization` int8 | int4 quantizes the base weights as they are read (adapter tensors, norms and the
     visual path stay in full precision); auto | none keeps them in `dtype`.
+    `runtime`: banks for adapters loaded while serving (`install_adapter`): row 0 is the base model itself
+    (an adapter of defaults, served under the base's name), then the adapters given here, then free rows.
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")
@@ -520,6 +585,11 @@ def load_llama_adapter(
         progress(f"reading adapter {name} from {path}")
         specs.append(read_adapter(name, Path(path)))
     hps = [adapter_hparams(spec, sd) for spec, sd in specs]
+    if runtime is not None:
+        if merge_lora:
+            raise ValueError("merge_lora cannot go with adapters loaded at run time (the base is shared unmerged)")
+        if not clip_model or not clip_weights:
+            raise CheckpointError("adapters loaded at run time need a CLIP tower: pass --clip-model and --clip-weights")
     for key in ("query_len", "query_layer", "clip_dim", "llm_dim"):
         if len({hp[key] for hp in hps}) > 1:
             raise CheckpointError(f"adapters disagree on {key}: {[hp[key] for hp in hps]}; load them separately.")
@@ -549,6 +619,19 @@ def load_llama_adapter(
         query_layer=hps[0]["query_layer"] if hps else 0,
         early_fusion=early_fusion,
     )
+    banked = specs
+    if runtime is not None:  # every kind of adapter tensor, and rows for the base and the adapters to come
+        empty = (AdapterSpec("", Path(""), {}), {})
+        base = runtime.base_name or llama_dir.name
+        if base in adapters:
+            raise CheckpointError(f"the base model's id {base!r} is also an adapter's: give the base another "
+                                  "(--served-model-name) or rename the adapter")
+        banked = [(AdapterSpec(base, Path(""), {}), {}), *specs, *[empty] * runtime.slots]
+        args = replace(
+            args, n_adapters=len(banked), w_bias=True, w_lora=True, w_new_gate=True,
+            lora_rank=max([runtime.lora_rank] + [hp["lora_rank"] for hp in hps]),
+            query_len=args.query_len or runtime.query_len,
+            query_layer=args.query_layer or min(runtime.query_layer, args.n_layers))
 
     progress(f"reading base LLaMA from {llama_dir}")
     release = PageRelease(sorted(llama_dir.glob("consolidated.*.pth")))
@@ -566,14 +649,14 @@ def load_llama_adapter(
             f"{tokenizer_path}: vocabulary of {args.vocab_size} tokens, but the base embeddings have "
             f"{state['llama.tok_embeddings.weight'].shape[0]} rows: tokenizer and weights do not belong together."
         )
-    if specs:
-        _adapter_banks(state, args, specs)
+    if banked:
+        _adapter_banks(state, args, banked)
     else:
         for k in [k for k in state if k.endswith("norm.weight")]:
             state[k] = state[k][None]
 
     clip, visual = None, []
-    if specs:
+    if banked:
         if not clip_model or not clip_weights:
             raise CheckpointError("LLaMA-Adapter V2 needs a CLIP tower: pass --clip-model and --clip-weights.")
         progress(f"reading CLIP weights from {clip_weights}")
@@ -583,17 +666,9 @@ def load_llama_adapter(
             clip = build_clip(cfg, quick_gelu=openai)
         _load_strict(clip, {f"visual.{k}": v for k, v in clip_sd.items()}, torch_dtype, str(clip_weights))
         for (spec, sd), hp in zip(specs, hps, strict=True):
-            vargs = VisualArgs(**{k: hp[k] for k in VisualArgs.__dataclass_fields__})
-            if clip.output_dim != vargs.clip_dim:
-                raise CheckpointError(
-                    f"{spec.path}: expects {vargs.clip_dim}-dim CLIP features, {clip_model} gives "
-                    f"{clip.output_dim}; use the CLIP model the adapter was trained with (ViT-L-14)."
-                )
-            with _on_meta():
-                va = VisualAdapter(vargs)
-            vis_sd = {k: v for k, v in sd.items() if not k.startswith("llama.")}
-            _load_strict(va, vis_sd, torch.float32, str(spec.path))  # visual path kept in fp32
-            visual.append(va)
+            visual.append(_visual_adapter(spec, sd, hp, clip, clip_model))
+        if runtime is not None:
+            visual = [NoVisual(), *visual, *[NoVisual() for _ in range(runtime.slots)]]
 
     with _on_meta():
         model = LlamaAdapterV2(args, clip, visual)  # clip and visual are already loaded
@@ -609,10 +684,10 @@ def load_llama_adapter(
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
-        adapter_names=tuple(spec.name for spec, _ in specs),
+        adapter_names=tuple(spec.name for spec, _ in banked[: len(banked) - (runtime.slots if runtime else 0)]),
         prompt_format="alpaca",
         chat_template=None,
-        name=llama_dir.name,
+        name=banked[0][0].name if runtime is not None else llama_dir.name,
         stop_ids=frozenset({tokenizer.eos_id}),
     )
 

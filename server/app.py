@@ -107,6 +107,11 @@ def load_model(settings: Settings, progress: Callable[[str], None]):
     progress(f"activations in {dtype} on {device}, base weights: quantization {quantization}")
 
     if settings.llama_dir is not None:
+        from models.loading import RuntimeBanks
+
+        runtime = RuntimeBanks(settings.max_runtime_adapters, settings.max_lora_rank, settings.runtime_query_len,
+                               settings.runtime_query_layer, settings.served_model_name) \
+            if settings.allow_runtime_adapters else None
         loaded = load_llama_adapter(
             llama_dir=settings.llama_dir,
             tokenizer_path=settings.tokenizer,
@@ -117,6 +122,7 @@ def load_model(settings: Settings, progress: Callable[[str], None]):
             max_seq_len=settings.max_context,
             quantization=quantization,
             progress=progress,
+            runtime=runtime,
         )
     else:
         progress(f"reading {settings.gguf or 'the embedded default model (SmolLM2-135M-Instruct)'}")

@@ -54,6 +54,17 @@ class Settings(BaseSettings):
     )
     clip_model: str | None = Field(None, description="open_clip model name (ViT-L-14) or model-config JSON")
     clip_weights: Path | None = Field(None, description="OpenAI TorchScript file or open_clip state dict")
+    allow_runtime_adapters: bool = Field(
+        False, description="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's) load and unload "
+        "LLaMA-Adapter V2 files while serving (--llama-dir with CLIP; the base is served under its folder name)")
+    adapter_dir: Path | None = Field(None, description="runtime adapters: files only from this folder (relative "
+                                     "paths resolve in it)")
+    max_runtime_adapters: int = Field(4, ge=1, le=64, description="bank rows for adapters loaded at run time")
+    max_lora_rank: int = Field(16, ge=1, le=256, description="runtime adapters: the LoRA rank the banks hold")
+    runtime_query_len: int = Field(10, ge=1, description="runtime adapters with none at start: adaption prompts "
+                                   "per layer (10 for the published LLaMA-Adapter V2 files)")
+    runtime_query_layer: int = Field(31, ge=1, description="runtime adapters with none at start: layers that "
+                                     "take adaption prompts (31 for the published 7B files)")
     gguf: Path | None = Field(None, description="a GGUF chat model instead of the embedded default")
     served_model_name: str | None = Field(None, description="model id of a plain (adapter-less) model")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
@@ -174,8 +185,10 @@ class Settings(BaseSettings):
                 raise ValueError("give either --llama-dir or --gguf, not both")
             if self.tokenizer is None:
                 raise ValueError("--llama-dir needs --tokenizer PATH (tokenizer.model)")
-            if self.adapters and (self.clip_model is None or self.clip_weights is None):
+            if (self.adapters or self.allow_runtime_adapters) and (self.clip_model is None or self.clip_weights is None):
                 raise ValueError("LLaMA-Adapter V2 adapters need --clip-model and --clip-weights")
+        if self.allow_runtime_adapters and self.llama_dir is None:
+            raise ValueError("--allow-runtime-adapters needs a LLaMA-Adapter model: --llama-dir (+ --clip-*)")
         return self
 
     @property

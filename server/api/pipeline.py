@@ -59,7 +59,8 @@ class Reservation(Protocol):
 class EngineClient(Protocol):
     """What the pipeline needs of an engine (server.engine.AsyncEngine; test doubles)."""
 
-    loaded: Any  # models.loading.LoadedModel: the model's name, adapters, prompt format
+    loaded: Any  # models.loading.LoadedModel: the model's name, prompt format
+    adapters: tuple[str, ...]  # the adapter ids served now
     max_context: int
     tokenizer: Any  # models.tokenizer: encode / decode / token_text / vocab_size
 

@@ -27,9 +27,16 @@ class Planner:
             settings, engine, builder, experts, executor)
         loaded = engine.loaded
         self.multimodal = bool(getattr(loaded.model, "multimodal", False))
-        self.adapters: tuple[str, ...] = tuple(loaded.adapter_names)
-        self.model_ids = self.adapters or (settings.served_model_name or loaded.name,)
+        self.plain_id = settings.served_model_name or loaded.name
         self.vocab_size = int(getattr(engine.tokenizer, "vocab_size", 0) or 0)
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return self.engine.adapters  # changes while serving when adapters load at run time
+
+    @property
+    def model_ids(self) -> tuple[str, ...]:
+        return self.adapters or (self.plain_id,)
 
     # ---------------------------------------------------------------------------------- shared checks
     def resolve_model(self, model: str) -> str | None:

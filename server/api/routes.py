@@ -18,9 +18,11 @@ from server.api.schemas import (
     CompletionRequest,
     DetokenizeRequest,
     ErrorResponse,
+    LoadAdapterRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
+    UnloadAdapterRequest,
 )
 from server.api.service import CompletionService
 
@@ -105,6 +107,16 @@ async def get_response(response_id: str, service: ServiceDep) -> dict:
 @api.delete("/responses/{response_id}", responses=ERRORS)
 async def delete_response(response_id: str, service: ServiceDep) -> dict:
     return service.delete_response(response_id)
+
+
+@api.post("/load_lora_adapter", responses={403: {"model": ErrorResponse}, **ERRORS}, tags=["adapters (vLLM's)"])
+async def load_lora_adapter(body: LoadAdapterRequest, service: ServiceDep) -> dict:
+    return await service.load_adapter(body)
+
+
+@api.post("/unload_lora_adapter", responses={403: {"model": ErrorResponse}, **ERRORS}, tags=["adapters (vLLM's)"])
+async def unload_lora_adapter(body: UnloadAdapterRequest, service: ServiceDep) -> dict:
+    return service.unload_adapter(body)
 
 
 @api.get("/models", response_model=ModelList, responses=ERRORS)

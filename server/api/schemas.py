@@ -500,6 +500,18 @@ class DetokenizeRequest(_Strict):
     tokens: list[int] = Field(..., description="token ids")
 
 
+class LoadAdapterRequest(_Strict):
+    """vLLM's /v1/load_lora_adapter: a LLaMA-Adapter V2 file served as `lora_name` from now on."""
+
+    lora_name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$", description="the model id clients send")
+    lora_path: str = Field(..., min_length=1, max_length=4096, description="the .pth file (inside --adapter-dir)")
+
+
+class UnloadAdapterRequest(_Strict):
+    lora_name: str = Field(..., min_length=1, max_length=128)
+    lora_int_id: int | None = Field(None, description="accepted (vLLM's); adapters are named here")
+
+
 # ------------------------------------------------------------------------------ responses (for the docs)
 
 

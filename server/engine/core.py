@@ -141,6 +141,20 @@ class EngineCore:
             seqs.append(seq)
         self.scheduler.add(seqs)
 
+    # ---------------------------------------------------------------------------------------- adapters
+
+    def uses_adapter(self, adapter_id: int) -> bool:
+        """Whether a sequence (waiting or running) still uses the bank row."""
+        return any(c.adapter_id == adapter_id for c in self.choices.values())
+
+    def install_adapter(self, adapter_id: int, row: dict, visual) -> None:
+        """An adapter into a free bank row, and nothing kept from the row's previous adapter (retained K/V,
+        visual queries)."""
+        if self.uses_adapter(adapter_id):
+            raise RuntimeError(f"adapter row {adapter_id} is in use")
+        self.runner.install_adapter(adapter_id, row, visual)
+        self.scheduler.forget(lambda key: key is not None and key[0] == adapter_id)
+
     def abort(self, request_id: str, reason: FinishReason = "abort") -> list[RequestOutput]:
         return [self._finish(seq, reason) for seq in self.scheduler.abort(request_id, reason)]
 

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
+from models.adapter import NoVisual
 from models.loading import LoadedModel
 from server.engine.core import EngineConfig, EngineCore
 from server.engine.sampling import validate_params
@@ -89,12 +90,17 @@ class AsyncEngine:
         self.loaded = loaded
         self.core = EngineCore.from_config(loaded, self.config, on_admit=self._unqueue)
         self.runner = self.core.runner
+        # adapter name → bank row; rows past the loaded ones are free for `load_adapter` (a server with runtime
+        # adapters has them: see models.loading.RuntimeBanks); an unloaded row retires once its requests end
+        self._rows: dict[str, int] = {name: i for i, name in enumerate(loaded.adapter_names)}
+        self._free_rows = list(range(len(loaded.adapter_names), loaded.model.llama.args.n_adapters))
+        self._retiring: set[int] = set()  # engine thread only
 
     # ------------------------------------------------------------------------------------------- facts
 
     @property
     def adapters(self) -> tuple[str, ...]:
-        return self.loaded.adapter_names
+        return tuple(self._rows)
 
     @property
     def max_context(self) -> int:
@@ -171,11 +177,56 @@ class AsyncEngine:
     def adapter_id(self, name: str | None) -> int:
         if name is None:
             return 0
-        if name in self.adapters:
-            return self.adapters.index(name)
-        if not self.adapters and name == self.loaded.name:
+        row = self._rows.get(name)
+        if row is not None:
+            return row
+        if not self._rows and name == self.loaded.name:
             return 0
         raise UnknownAdapterError(name, self.adapters or (self.loaded.name,))
+
+    # ---------------------------------------------------------------------------------- runtime adapters
+
+    async def load_adapter(self, name: str, path, read: Callable[[], tuple]) -> None:
+        """Loads an adapter into a free bank row while serving: `read()` (the file's checks, off the event loop)
+        gives its row and visual path, the engine thread writes them between two steps, and from then on the
+        name is served, batched with the others. ValueError when it cannot be (a name in use, no free row)."""
+        if name in self._rows or name == self.loaded.name:
+            raise ValueError(f"an adapter named {name!r} is loaded already; unload it first or pick another name")
+        if not self._free_rows:
+            n = self.loaded.model.llama.args.n_adapters - 1
+            raise ValueError(f"all {n} adapter rows are in use; unload an adapter first (or start with more "
+                             "--max-runtime-adapters)")
+        row = self._free_rows.pop(0)
+        try:
+            tensors, visual = await asyncio.get_running_loop().run_in_executor(None, read)
+            done = self._loop.create_future()
+            self._inbox.put(("install", row, tensors, visual, done))
+            self._wake.set()
+            await done
+        except BaseException:
+            self._free_rows.insert(0, row)
+            raise
+        self._rows[name] = row
+        log.info("adapter %s loaded from %s (bank row %d)", name, path, row)
+
+    def unload_adapter(self, name: str) -> None:
+        """From now on `name` is unknown (404); its requests in flight finish, then its row is free again."""
+        row = self._rows.get(name)
+        if row is None:
+            raise UnknownAdapterError(name, self.adapters)
+        if row == 0 and self.loaded.adapter_names and self.loaded.adapter_names[0] == self.loaded.name:
+            raise ValueError(f"{name!r} is the base model, which cannot be unloaded")
+        del self._rows[name]
+        self._inbox.put(("retire", row))
+        self._wake.set()
+        log.info("adapter %s unloaded (bank row %d frees when its requests end)", name, row)
+
+    def _retire_rows(self) -> None:
+        """Engine thread: unloaded rows whose last request ended go back to the free list."""
+        for row in [r for r in self._retiring if not self.core.uses_adapter(r)]:
+            self._retiring.discard(row)
+            self.runner.model.visual[row] = NoVisual()  # the adapter's visual path is freed now
+            self._loop.call_soon_threadsafe(self._free_rows.append, row)
 
     def validate(self, request: GenerateRequest) -> None:
         """Typed errors before streaming starts: ContextLengthError, UnknownAdapterError, ValueError."""
@@ -314,6 +365,8 @@ class AsyncEngine:
                     log.exception("engine step failed; failing the requests in flight")
                     outputs += self.core.abort_all("error")
             self._running_rows = len(self.core.scheduler.running)
+            if self._retiring:
+                self._retire_rows()
             self._publish(outputs)
             self._wake.clear()
             if not self.core.has_work() and self._inbox.empty():
@@ -333,6 +386,16 @@ class AsyncEngine:
                 self._unqueue(cmd[1])
             elif cmd[0] == "abort_all":
                 outputs += self.core.abort_all()
+            elif cmd[0] == "install":
+                _, row, tensors, visual, done = cmd
+                try:
+                    self.core.install_adapter(row, tensors, visual)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    self._loop.call_soon_threadsafe(_settle, done, e)
+                else:
+                    self._loop.call_soon_threadsafe(_settle, done, None)
+            elif cmd[0] == "retire":
+                self._retiring.add(cmd[1])
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -346,3 +409,11 @@ class AsyncEngine:
             q = self._queues.get(out.request_id)
             if q is not None:
                 q.put_nowait(out)
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if not future.done():
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)

@@ -185,12 +185,28 @@ class ModelRunner:
         self.rows.reset(slot, cached)
         if not self.prompts_on:
             return
+        if not self.model.has_visual(adapter_id):  # the base row (zero gate): zero prompts add exactly nothing
+            P = self.args.query_len
+            self.prompt_k[:, slot, :, :P] = 0
+            self.prompt_v[:, slot, :, :P] = 0
+            self.slot_prompts[slot] = P
+            return
         vqs = [self.visual_query(img, adapter_id) for img in images] or [self.visual_query(None, adapter_id)]
         pkv = self.model.prompt_kv(vqs, adapter_id)  # k, v: (n_adapted, 1, K, P, D)
         P = pkv.k.shape[3]
         self.prompt_k[:, slot, :, :P] = pkv.k[:, 0]
         self.prompt_v[:, slot, :, :P] = pkv.v[:, 0]
         self.slot_prompts[slot] = P
+
+    @torch.inference_mode()
+    def install_adapter(self, adapter_id: int, row: dict[str, Tensor], visual) -> None:
+        """An adapter into a free bank row (no running sequence uses it): the banks in place, the fused forward's
+        derived tensors again, and the row's visual queries forgotten (they were another adapter's)."""
+        self.model.install(adapter_id, row, visual)
+        if self.llama.fused is not None:
+            self.llama.prepare_fused()
+        for key in [k for k in self.vision_cache if k[0] == adapter_id]:
+            del self.vision_cache[key]
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Shares a prefilled prompt with another choice of the same request (n > 1)."""

@@ -21,7 +21,7 @@ has already finished, its retained slot serves them through prefix reuse instead
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from server.engine.types import FinishReason
@@ -185,6 +185,11 @@ class Scheduler:
         for seq in seqs:
             self.finish(seq, reason)
         return seqs
+
+    def forget(self, stale: Callable[[Hashable], bool]) -> None:
+        """Drops the retained K/V of the cache keys `stale` picks (an adapter row that another adapter takes)."""
+        for slot in [s for s, (key, _) in self.retained.items() if stale(key)]:
+            del self.retained[slot]
 
     @property
     def slots_in_use(self) -> int:
