@@ -66,7 +66,8 @@ class Settings(BaseSettings):
     runtime_query_layer: int = Field(31, ge=1, description="runtime adapters with none at start: layers that "
                                      "take adaption prompts (31 for the published 7B files)")
     gguf: Path | None = Field(None, description="a GGUF chat model instead of the embedded default")
-    served_model_name: str | None = Field(None, description="model id of a plain (adapter-less) model")
+    served_model_name: str | None = Field(None, description="model id of a plain (adapter-less) model; with "
+                                          "--allow-runtime-adapters, the base model's id")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
                         description="where the model runs: auto (a CUDA GPU when torch sees one, else cpu), cpu, cuda[:N]")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(

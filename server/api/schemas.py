@@ -1,4 +1,5 @@
-"""Wire types: the OpenAI Chat Completions / Completions subset we serve, plus our extensions.
+"""Wire types: the OpenAI Chat Completions / Completions subset we serve (tools included), vLLM's tokenizer and
+adapter endpoints, plus our extensions (the Responses API's types are in server/api/responses.py).
 
 Every parameter is either honoured or refused with a 400 that names it: unknown fields are forbidden, and the
 OpenAI parameters this server does not implement (audio, the deprecated functions, ...) are accepted only with
