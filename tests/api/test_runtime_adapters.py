@@ -158,3 +158,32 @@ def test_start_with_the_base_alone_and_keys_required(files, expected):
         assert httpx.post(f"{base}/v1/load_lora_adapter", json=body).status_code == 401
         assert c.post("/v1/load_lora_adapter", json=body).status_code == 200
         _same(_complete(c, "tiny2"), expected["tiny2"])
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_an_installed_row_is_the_adapter_loaded_at_start(files, quantization):
+    """Engine level, plain and quantized (the fused CPU forward): the row written while serving gives the same
+    logprobs as a model that loaded the adapter at start, and the base row the plain base model's."""
+    from pathlib import Path
+
+    from models.loading import RuntimeBanks, read_runtime_adapter
+    from server.engine.core import EngineConfig, EngineCore
+    from server.engine.types import GenerateRequest, SamplingParams
+
+    def run(loaded, adapter_id, install=None):
+        core = EngineCore.from_config(loaded, EngineConfig(max_context=64, max_batch=2))
+        if install is not None:
+            core.install_adapter(*install)
+        req = GenerateRequest("r", (1, 5, 9, 20, 33), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
+                                                                      logprobs=True))
+        outs = core.generate_all([(req, adapter_id)])["r"]
+        return [t for o in outs for t in o.token_ids], [lp.logprob for o in outs for lp in o.logprobs]
+
+    rt = load_reference(runtime=RuntimeBanks(2, lora_rank=4, base_name="base"), quantization=quantization)
+    assert rt.adapter_names == ("base", "tiny") and rt.model.llama.args.n_adapters == 4
+    assert (rt.model.llama.fused is not None) == (quantization == "int8")
+    row, visual = read_runtime_adapter(rt.model, "tiny2", Path(files / "tiny2.pth"))
+    _same(run(rt, 2, (2, row, visual)), run(load_reference(adapters={"tiny2": files / "tiny2.pth"},
+                                                           quantization=quantization), 0))
+    _same(run(rt, 1), run(load_reference(quantization=quantization), 0))
+    _same(run(rt, 0), run(load_reference(adapters={}, quantization=quantization), 0))
