@@ -128,8 +128,7 @@ class Planner:
     # --------------------------------------------------------------------------------- per shape
     async def chat(self, req: ChatCompletionRequest) -> Plan:
         adapter = self.resolve_model(req.model)
-        tools = tool_set(req.tools, req.tool_choice, req.parallel_tool_calls, req.grammar)
-        grammar = tools.grammar() if tools is not None and tools.active else req.grammar
+        tools, grammar = tools_and_grammar(req)
         return await self.plan_chat_input(
             parse_messages(req.messages), kind="chat", model=req.model, adapter=adapter,
             sampling=self.sampling(req, logprobs=req.logprobs, top=req.top_logprobs or 0, grammar=grammar),
@@ -159,8 +158,7 @@ class Planner:
 
     async def responses(self, req: ResponsesRequest, store: ResponseStore) -> Plan:
         adapter = self.resolve_model(req.model)
-        tools = tool_set(req.tools, req.tool_choice, req.parallel_tool_calls, req.grammar)
-        grammar = tools.grammar() if tools is not None and tools.active else req.grammar
+        tools, grammar = tools_and_grammar(req)
         chat, carried = conversation(req, store)
         choice = req.tool_choice or "auto"
         echo = {
@@ -200,6 +198,13 @@ class Planner:
             self.resolve_model(req.model)
         self.check_ids(req.tokens, "tokens", "token id")
         return {"prompt": self.engine.tokenizer.decode(req.tokens)}
+
+
+def tools_and_grammar(req: ChatCompletionRequest | ResponsesRequest) -> tuple[ToolSet | None, GrammarSpec | None]:
+    """The request's ToolSet and what constrains its reply: the tools' grammar (which takes in a JSON answer
+    format), else the response format's."""
+    tools = tool_set(req.tools, req.tool_choice, req.parallel_tool_calls, req.grammar)
+    return tools, tools.grammar() if tools is not None and tools.active else req.grammar
 
 
 def tool_set(tools: list | None, choice: Any, parallel: bool | None, answer: GrammarSpec | None) -> ToolSet | None:
