@@ -637,13 +637,13 @@ def load_llama_adapter(
     release = PageRelease(sorted(llama_dir.glob("consolidated.*.pth")))
     state = _base_llama_state(read_meta_llama(llama_dir), args, str(llama_dir))
     quantize_now = quantization in ("int8", "int4") and not (merge_lora and args.w_lora)
-    if quantize_now:  # tensor by tensor, straight from the mapped file: the 16-bit model is never in memory
+    if quantize_now:  # block by block, straight from the mapped file: the 16-bit model is never in memory
         progress(f"quantizing the base weights to {quantization}")
         with _large_allocations_mapped():
             for k in [k for k, v in state.items() if v.dim() == 2]:
                 v = state[k]
-                state[k] = quant.quantize(v, quantization)
-                release(v)
+                state[k] = quant.quantize(v, quantization, release=release)
+                release(v)  # the pages the blocks share at their edges
     if state["llama.tok_embeddings.weight"].shape[0] != args.vocab_size:
         raise CheckpointError(
             f"{tokenizer_path}: vocabulary of {args.vocab_size} tokens, but the base embeddings have "

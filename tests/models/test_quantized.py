@@ -178,6 +178,25 @@ def test_bf16_weights_are_held_once_in_the_kernel_layout():
     assert abs(llama.weight_bytes() - 134_515_008 * 2) < 0.01 * llama.weight_bytes()
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantizing_block_by_block_gives_the_whole_weight_result_and_hands_every_block_back(mode):
+    """Load-time quantization works through a weight in blocks of rows (and loading drops each block's file
+    pages once read): the packed result must not depend on the block size, padding rows included, and every
+    row must be handed to `release` once, as a view of the weight."""
+    from models.kernels import quant
+
+    w = (torch.randn(100, 96, generator=torch.Generator().manual_seed(0)) * 0.02).half()  # 100: 4 padding rows
+    whole = quant.quantize(w, mode, chunk=w.numel())
+    for chunk, rows in ((16 * 96, 16), (40 * 96, 32)):  # blocks are whole multiples of 16 rows
+        blocks = []
+        part = quant.quantize(w, mode, chunk=chunk, release=blocks.append)
+        for name in ("qs", "scales", "mins"):
+            a, b = getattr(whole, name), getattr(part, name)
+            assert (a is None and b is None) or torch.equal(a, b), name
+        assert [b.data_ptr() for b in blocks] == [w[i].data_ptr() for i in range(0, 100, rows)]
+        assert torch.equal(torch.cat(blocks), w)
+
+
 def _two_adapters(tmp_path, quantization):
     """The reference adapter and a perturbed copy (other biases, gates, norms and LoRA) on one int8 base: with
     two adapters LoRA stays unmerged, so every adapter piece of the fused kernel is exercised."""
