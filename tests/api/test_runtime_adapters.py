@@ -12,6 +12,7 @@ import threading
 import time
 
 import httpx
+import openai
 import pytest
 import torch
 
@@ -93,10 +94,14 @@ def test_load_batch_unload_and_reuse(files, expected):
         _same(_complete(c, "base"), expected["base"])  # the base row is the base model
         _same(_complete(c, "tiny"), expected["tiny"])  # warms the prefix cache of a row for this prompt
 
-        r = c.post("/v1/load_lora_adapter", json={"lora_name": "tiny2", "lora_path": "tiny2.pth"})
-        assert r.status_code == 200, r.text
-        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["base", "tiny", "tiny2"]
+        oai = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)  # the README's way
+        assert oai.post("/load_lora_adapter", cast_to=object, body={"lora_name": "tiny2", "lora_path": "tiny2.pth"}) \
+            == {"object": "adapter", "id": "tiny2", "status": "loaded"}
+        assert [m.id for m in oai.models.list()] == ["base", "tiny", "tiny2"]
         _same(_complete(c, "tiny2"), expected["tiny2"])
+        r = oai.completions.create(model="tiny2", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=1,
+                                   extra_body={"ignore_eos": True})
+        _same((r.choices[0].text, r.choices[0].logprobs.token_logprobs), expected["tiny2"])
 
         results = {}  # the three batch together, each as alone
         threads = [threading.Thread(target=lambda m=m: results.__setitem__(m, _complete(c, m)))
