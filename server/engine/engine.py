@@ -95,6 +95,7 @@ class AsyncEngine:
         self._rows: dict[str, int] = {name: i for i, name in enumerate(loaded.adapter_names)}
         self._free_rows = list(range(len(loaded.adapter_names), loaded.model.llama.args.n_adapters))
         self._retiring: set[int] = set()  # engine thread only
+        self._installs: set[asyncio.Future] = set()  # loads waiting for the engine thread (failed if it dies)
 
     # ------------------------------------------------------------------------------------------- facts
 
@@ -196,13 +197,18 @@ class AsyncEngine:
             n = self.loaded.model.llama.args.n_adapters - 1
             raise ValueError(f"all {n} adapter rows are in use; unload an adapter first (or start with more "
                              "--max-runtime-adapters)")
+        self.check_capacity()  # EngineStoppedError: a stopped engine installs nothing
         row = self._free_rows.pop(0)
         try:
             tensors, visual = await asyncio.get_running_loop().run_in_executor(None, read)
             done = self._loop.create_future()
+            self._installs.add(done)
             self._inbox.put(("install", row, tensors, visual, done))
             self._wake.set()
-            await done
+            try:
+                await done
+            finally:
+                self._installs.discard(done)
         except BaseException:
             self._free_rows.insert(0, row)
             raise
@@ -344,6 +350,8 @@ class AsyncEngine:
     def _fail_all(self, error: EngineError) -> None:
         for q in list(self._queues.values()):
             q.put_nowait(error)
+        for done in list(getattr(self, "_installs", ())):
+            _settle(done, error)
 
     def _serve(self) -> None:
         while True:
