@@ -636,13 +636,17 @@ def load_llama_adapter(
     progress(f"reading base LLaMA from {llama_dir}")
     release = PageRelease(sorted(llama_dir.glob("consolidated.*.pth")))
     state = _base_llama_state(read_meta_llama(llama_dir), args, str(llama_dir))
-    quantize_now = quantization in ("int8", "int4") and not (merge_lora and args.w_lora)
-    if quantize_now:  # block by block, straight from the mapped file: the 16-bit model is never in memory
-        progress(f"quantizing the base weights to {quantization}")
+    plain = merge_lora and args.w_lora  # merging LoRA needs the plain weights
+    quantize_now = quantization in ("int8", "int4") and not plain
+    # bf16 weights on a CPU with bf16 kernels end in their layout (see Transformer.pack_weights): written there now
+    bf16_now = not quantize_now and not plain and torch_dtype == torch.bfloat16 and quant.kernels.has_bf16()
+    if quantize_now or bf16_now:  # block by block, straight from the mapped file: the model is never in memory twice
+        progress(f"quantizing the base weights to {quantization}" if quantize_now else "packing the base weights (bf16)")
         with _large_allocations_mapped():
-            for k in [k for k, v in state.items() if v.dim() == 2]:
+            for k in [k for k, v in state.items() if v.dim() == 2 and (quantize_now or v.shape[1] % 2 == 0)]:
                 v = state[k]
-                state[k] = quant.quantize(v, quantization, release=release)
+                state[k] = quant.quantize(v, quantization, release=release) if quantize_now \
+                    else quant.pack_bf16(v, release=release)
                 release(v)  # the pages the blocks share at their edges
     if state["llama.tok_embeddings.weight"].shape[0] != args.vocab_size:
         raise CheckpointError(
@@ -678,7 +682,7 @@ def load_llama_adapter(
         if args.n_adapters != 1:
             raise ValueError("merge_lora needs exactly one adapter (several share the base unmerged)")
         model.llama.merge_lora()
-    model.llama.pack_weights("none" if quantize_now else quantization)
+    model.llama.pack_weights("none" if quantize_now or bf16_now else quantization)
     _log_weights(model.llama, progress)
     model.eval()
     return LoadedModel(

@@ -272,12 +272,21 @@ def from_gguf(data: np.ndarray, qtype: str, n: int, k: int) -> QuantWeight:
     raise ValueError(f"GGUF type {qtype} is not kept quantized (kept: {', '.join(GGUF_KEPT)})")
 
 
-def pack_bf16(weight: Tensor) -> Bf16Weight:
+def pack_bf16(weight: Tensor, chunk: int = 1 << 22, release: Callable[[Tensor], None] | None = None) -> Bf16Weight:
+    """A (N, K) weight in the bf16 kernel's layout, written block by block (about `chunk` values) into the one
+    result; `release` gets each block of `weight` once read, as in `quantize`."""
     N, K = weight.shape
     if K % 2:
         raise ValueError("the bf16 layout needs an even number of columns")
-    w = _pad_rows(weight.detach().to(torch.bfloat16))
-    return Bf16Weight(N, K, w.reshape(-1, 16, K // 2, 2).permute(0, 2, 1, 3).contiguous())
+    packed = torch.empty((-(-N // 16), K // 2, 16, 2), dtype=torch.bfloat16)
+    rows = max(16, chunk // K // 16 * 16)
+    for i in range(0, N, rows):
+        src = weight[i : i + rows]
+        w = _pad_rows(src.detach().to(torch.bfloat16))
+        if release is not None:
+            release(src)
+        packed[i // 16 : i // 16 + w.shape[0] // 16] = w.reshape(-1, 16, K // 2, 2).permute(0, 2, 1, 3)
+    return Bf16Weight(N, K, packed)
 
 
 def cat(weights: list[Weight]) -> Weight | None:

@@ -197,6 +197,37 @@ def test_quantizing_block_by_block_gives_the_whole_weight_result_and_hands_every
         assert torch.equal(torch.cat(blocks), w)
 
 
+def test_bf16_packing_block_by_block_is_the_whole_weight_packing():
+    """bf16 weights are packed at load block by block (their file pages dropped as they go): the layout must not
+    depend on the block size, padding rows included, and every row must be handed to `release` once."""
+    from models.kernels import quant
+
+    w = (torch.randn(100, 96, generator=torch.Generator().manual_seed(1)) * 0.02).half()
+    whole = quant.pack_bf16(w, chunk=w.numel())
+    for chunk, rows in ((16 * 96, 16), (40 * 96, 32)):
+        blocks = []
+        part = quant.pack_bf16(w, chunk=chunk, release=blocks.append)
+        assert torch.equal(whole.packed, part.packed) and (part.n, part.k) == (100, 96)
+        assert [b.data_ptr() for b in blocks] == [w[i].data_ptr() for i in range(0, 100, rows)]
+    assert torch.equal(whole.dequantize(), w.to(torch.bfloat16).float())
+
+
+def test_a_bf16_meta_checkpoint_is_packed_as_it_is_read():
+    """On a CPU with bf16 kernels, `--dtype bf16` packs the base weights while reading the file: the same layout
+    pack_weights gives a loaded bf16 weight, each weight held once."""
+    from models.kernels import quant
+    from tests.models.conftest import REF, load_reference
+
+    if not quant.kernels.has_bf16():
+        pytest.skip("this CPU has no bf16 kernels (AVX512-BF16): bf16 weights stay plain tensors")
+    sd = torch.load(REF / "llama" / "tiny" / "consolidated.00.pth", weights_only=True)
+    llama = load_reference(dtype="bf16").model.llama
+    attn = llama.layers[1].attention
+    assert attn.wo.weight is None and isinstance(attn.wo.packed, quant.Bf16Weight)
+    assert torch.equal(attn.wo.packed.packed, quant.pack_bf16(sd["layers.1.attention.wo.weight"].to(torch.bfloat16)).packed)
+    assert torch.equal(llama.embed_packed.packed, quant.pack_bf16(sd["tok_embeddings.weight"].to(torch.bfloat16)).packed)
+
+
 def _two_adapters(tmp_path, quantization):
     """The reference adapter and a perturbed copy (other biases, gates, norms and LoRA) on one int8 base: with
     two adapters LoRA stays unmerged, so every adapter piece of the fused kernel is exercised."""
