@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import hashlib
 import importlib.util
 import json
@@ -793,9 +794,41 @@ def read_gguf(
     def meta(key, default=None):
         return _gguf_value(reader, f"llama.{key}", default)
 
+    tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
+    if _gguf_value(reader, "tokenizer.ggml.model") != "gpt2":
+        raise CheckpointError(f"{path}: only byte-level BPE ('gpt2') GGUF tokenizers are supported.")
+    tokenizer = BPETokenizer(
+        tokens=tokens,
+        merges=_gguf_value(reader, "tokenizer.ggml.merges"),
+        token_types=_gguf_value(reader, "tokenizer.ggml.token_type"),
+        bos_id=_gguf_value(reader, "tokenizer.ggml.bos_token_id"),
+        eos_id=_gguf_value(reader, "tokenizer.ggml.eos_token_id"),
+        add_bos=bool(_gguf_value(reader, "tokenizer.ggml.add_bos_token", False)),
+        split_digits=_gguf_value(reader, "tokenizer.ggml.pre") in ("smollm", "qwen2", "llama3"),
+    )
+    dim = int(meta("embedding_length"))
+    args = ModelArgs(
+        dim=dim,
+        n_layers=int(meta("block_count")),
+        n_heads=int(meta("attention.head_count")),
+        n_kv_heads=int(meta("attention.head_count_kv", meta("attention.head_count"))),
+        vocab_size=len(tokens),
+        hidden_dim=int(meta("feed_forward_length")),
+        norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(meta("rope.freq_base", 10000.0)),
+        max_seq_len=int(meta("context_length", 2048)),
+        tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
+    )
+    template = _gguf_value(reader, "tokenizer.chat_template")
+    # the reader's parsed metadata (~150 MB of Python objects for a 49k-token vocabulary) goes before the tensors
+    # are converted, so that the two never add up at the peak
+    tensors = reader.tensors
+    reader = None
+    gc.collect()
+
     state: dict[str, Tensor | quant.Weight] = {}
     converted: dict[str, int] = {}
-    for t in reader.tensors:
+    for t in tensors:
         if t.name in _GGUF_NAMES:
             name = _GGUF_NAMES[t.name]
         else:
@@ -824,32 +857,7 @@ def read_gguf(
         log.warning("%s: %d tensors of type %s dequantized to %s at load (the kernels read %s)", path.name, count,
                     qtype, str(dtype).removeprefix("torch."), ", ".join(quant.GGUF_KEPT))
 
-    tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
-    if _gguf_value(reader, "tokenizer.ggml.model") != "gpt2":
-        raise CheckpointError(f"{path}: only byte-level BPE ('gpt2') GGUF tokenizers are supported.")
-    tokenizer = BPETokenizer(
-        tokens=tokens,
-        merges=_gguf_value(reader, "tokenizer.ggml.merges"),
-        token_types=_gguf_value(reader, "tokenizer.ggml.token_type"),
-        bos_id=_gguf_value(reader, "tokenizer.ggml.bos_token_id"),
-        eos_id=_gguf_value(reader, "tokenizer.ggml.eos_token_id"),
-        add_bos=bool(_gguf_value(reader, "tokenizer.ggml.add_bos_token", False)),
-        split_digits=_gguf_value(reader, "tokenizer.ggml.pre") in ("smollm", "qwen2", "llama3"),
-    )
-    dim = int(meta("embedding_length"))
-    args = ModelArgs(
-        dim=dim,
-        n_layers=int(meta("block_count")),
-        n_heads=int(meta("attention.head_count")),
-        n_kv_heads=int(meta("attention.head_count_kv", meta("attention.head_count"))),
-        vocab_size=len(tokens),
-        hidden_dim=int(meta("feed_forward_length")),
-        norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(meta("rope.freq_base", 10000.0)),
-        max_seq_len=int(meta("context_length", 2048)),
-        tie_embeddings="output.weight" not in state,
-    )
-    return args, state, tokenizer, _gguf_value(reader, "tokenizer.chat_template")
+    return args, state, tokenizer, template
 
 
 def load_gguf(

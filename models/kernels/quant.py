@@ -230,9 +230,31 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
-def from_gguf(data: np.ndarray, qtype: str, n: int, k: int) -> QuantWeight:
-    """A GGUF tensor's raw blocks (n rows of bytes) → the same numbers in the kernels' layout, losslessly."""
+def from_gguf(data: np.ndarray, qtype: str, n: int, k: int, chunk: int = 1 << 22) -> QuantWeight:
+    """A GGUF tensor's raw blocks (n rows of bytes) → the same numbers in the kernels' layout, losslessly.
+    Converted in blocks of rows (about `chunk` values, whole multiples of 16 rows) written into the one result:
+    the conversion's temporaries (codes unpacked to a byte per value, fp32 scales) stay a block's worth."""
     rows = np.asarray(data, dtype=np.uint8).reshape(n, -1)
+    step = max(16, chunk // k // 16 * 16)
+    if n <= step:
+        return _from_gguf_rows(rows, qtype, n, k)
+    first = _from_gguf_rows(rows[:step], qtype, step, k)
+    nb = -(-n // 16)
+
+    def room(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.new_empty((nb, *t.shape[1:]))
+
+    qs, scales, mins = room(first.qs), room(first.scales), room(first.mins)
+    for i in range(0, n, step):
+        part = first if i == 0 else _from_gguf_rows(rows[i : i + step], qtype, min(step, n - i), k)
+        at = slice(i // 16, i // 16 + part.qs.shape[0])
+        qs[at], scales[at] = part.qs, part.scales
+        if mins is not None:
+            mins[at] = part.mins
+    return QuantWeight(first.fmt, n, k, first.bits, first.group, first.zero, first.big, qs, scales, mins)
+
+
+def _from_gguf_rows(rows: np.ndarray, qtype: str, n: int, k: int) -> QuantWeight:
     if qtype == "Q8_0":
         b = rows.reshape(n, k // 32, 34)
         codes = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
