@@ -362,30 +362,30 @@ class ResponsesFormat:
         yield event("response.created", response=opening)
         yield event("response.in_progress", response=opening)
         parser = ToolStream() if job.plan.tools is not None and job.plan.tools.active else None
-        text, index = "", 0  # the message's text; the output index of the item being written
+        text, index = "", 0  # the message's text; the output index of the item being written (the last opened)
         open_item: str | None = None  # "message" | "call"
         msg_id = _item_id(job, "msg", 0)
-        calls_open: dict[int, tuple[int, str]] = {}  # call k → (output index, item id)
         totals = Totals()
 
+        def open_message() -> list[str]:
+            return [event("response.output_item.added", output_index=index,
+                          item=_message(msg_id, "", "in_progress", content=False)),
+                    event("response.content_part.added", item_id=msg_id, output_index=index, content_index=0,
+                          part=_text_part(""))]
+
         def close_message() -> list[str]:
-            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
             return [event("response.output_text.done", item_id=msg_id, output_index=index, content_index=0, text=text,
                           logprobs=[]),
                     event("response.content_part.done", item_id=msg_id, output_index=index, content_index=0,
-                          part=part),
+                          part=_text_part(text)),
                     event("response.output_item.done", output_index=index, item=_message(msg_id, text, "completed"))]
 
         def close_call(k: int, state: str = "completed") -> list[str]:
-            at, item_id = calls_open[k]
-            args = parser.calls[k].arguments  # complete: a later call began, or the reply ended
-            item = {"type": "function_call", "id": item_id, "call_id": calls_meta[k][0], "name": calls_meta[k][1],
-                    "arguments": args, "status": state}
-            return [event("response.function_call_arguments.done", item_id=item_id, output_index=at, arguments=args,
-                          name=calls_meta[k][1]),
-                    event("response.output_item.done", output_index=at, item=item)]
+            item = _call(parser.calls[k], _item_id(job, "fc", k), state)  # complete: a later call began, or the end
+            return [event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                          arguments=item["arguments"], name=item["name"]),
+                    event("response.output_item.done", output_index=index, item=item)]
 
-        calls_meta: dict[int, tuple[str, str]] = {}  # call k → (call id, name)
         async for part, out in outputs:
             totals.add(out, part)
             deltas = [("content", out.text)] if parser is None else parser.feed(out.text)
@@ -395,46 +395,34 @@ class ResponsesFormat:
                 if d[0] == "content" and d[1]:
                     if open_item is None:
                         open_item = "message"
-                        yield event("response.output_item.added", output_index=index,
-                                    item=_message(msg_id, "", "in_progress", content=False))
-                        yield event("response.content_part.added", item_id=msg_id, output_index=index, content_index=0,
-                                    part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+                        for e in open_message():
+                            yield e
                     if open_item == "message":
                         text += d[1]
                         yield event("response.output_text.delta", item_id=msg_id, output_index=index, content_index=0,
                                     delta=d[1], logprobs=[])
                 elif d[0] == "call":
-                    if open_item == "message":
-                        for e in close_message():
-                            yield e
-                        index += 1
-                    elif open_item == "call":
-                        for e in close_call(len(calls_meta) - 1):
+                    if open_item is not None:
+                        for e in close_message() if open_item == "message" else close_call(d[1] - 1):
                             yield e
                         index += 1
                     open_item = "call"
-                    k, call_id, name = d[1], d[2], d[3]
-                    item_id = _item_id(job, "fc", k)
-                    calls_open[k], calls_meta[k] = (index, item_id), (call_id, name)
-                    yield event("response.output_item.added", output_index=index,
-                                item={"type": "function_call", "id": item_id, "call_id": call_id, "name": name,
-                                      "arguments": "", "status": "in_progress"})
+                    item = _call(ToolCall(d[2], d[3], ""), _item_id(job, "fc", d[1]), "in_progress")
+                    yield event("response.output_item.added", output_index=index, item=item)
                 elif d[0] == "arguments":
-                    yield event("response.function_call_arguments.delta", item_id=calls_open[d[1]][1],
-                                output_index=calls_open[d[1]][0], delta=d[2])
+                    yield event("response.function_call_arguments.delta", item_id=_item_id(job, "fc", d[1]),
+                                output_index=index, delta=d[2])
         finish = totals.finish.get(0)
         calls = list(parser.calls) if parser is not None else []
         if open_item is None and not calls:  # an empty reply is still a message
-            yield event("response.output_item.added", output_index=0,
-                        item=_message(msg_id, "", "in_progress", content=False))
-            yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0,
-                        part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
             open_item = "message"
+            for e in open_message():
+                yield e
         if open_item == "message":
             for e in close_message():
                 yield e
         elif open_item == "call":
-            for e in close_call(len(calls_meta) - 1, "incomplete" if finish == "length" else "completed"):
+            for e in close_call(len(calls) - 1, "incomplete" if finish == "length" else "completed"):
                 yield e
         body = self._finish(job, text, calls, totals)  # the same ids as the stream's items
         yield event("response.incomplete" if body["status"] == "incomplete" else "response.completed", response=body)
@@ -449,8 +437,12 @@ def _item_id(job: Job, prefix: str, k: int) -> str:
     return f"{prefix}_{job.id.removeprefix('resp_')[:24]}{k:02d}"
 
 
+def _text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
 def _message(item_id: str, text: str, status: str, content: bool = True) -> dict:
-    parts = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if content else []
+    parts = [_text_part(text)] if content else []
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": parts}
 
 

@@ -147,3 +147,51 @@ def test_images_on_the_adapter_model(client):
     bad = client.post("/v1/responses", json={**body, "input": [
         {"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}]})
     assert bad.status_code == 400 and "image" in bad.json()["error"]["message"].lower()
+
+
+def test_stream_items_for_text_then_two_calls_in_one_delta():
+    """The formatter alone, on a scripted reply whose last delta ends the first call and holds the whole second:
+    each item opens and closes at its own output index, with the ids and arguments the final response has."""
+    import asyncio
+
+    from server.api.pipeline import Admission, Job, Plan, Prompt
+    from server.api.prompting import Turn, chat_input
+    from server.api.responses import ResponsesFormat, ResponseStore
+    from server.api.tools import Tool, ToolSet
+    from server.engine.types import RequestOutput, SamplingParams
+
+    tools = ToolSet((Tool("get_weather", None, json.dumps(WEATHER)),))
+    echo = {k: None for k in ("instructions", "previous_response_id", "temperature", "top_p")}
+    echo.update(metadata={}, parallel_tool_calls=True, store=False, text={"format": {"type": "text"}},
+                tool_choice="auto", tools=[], carried=())
+    plan = Plan(kind="responses", model="m", adapter=None, sampling=SamplingParams(), prompts=(Prompt((1, 2)),),
+                chat=chat_input([Turn("user", "x")], []), tools=tools, stream=True, extra=echo)
+    job = Job(plan, 0.0, [Admission(None)])
+    pieces = ['Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa',
+              'ris", "days": 2}}\n</tool_call>\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", '
+              '"days": 1}}\n</tool_call>']
+
+    async def outputs():
+        for i, text in enumerate(pieces):
+            last = i == len(pieces) - 1
+            yield 0, RequestOutput("r", 0, text, (7,), finished=last, finish_reason="stop" if last else None,
+                                   prompt_tokens=2, completion_tokens=i + 1)
+
+    async def collect():
+        return [json.loads(e.split("data: ", 1)[1]) async for e in ResponsesFormat(ResponseStore(0)).events(job,
+                                                                                                       outputs())]
+
+    events = asyncio.run(collect())
+    final = events[-1]["response"]
+    assert [o["type"] for o in final["output"]] == ["message", "function_call", "function_call"]
+    assert final["output"][0]["content"][0]["text"] == "Let me check.\n"
+    added = [e for e in events if e["type"] == "response.output_item.added"]
+    done = [e for e in events if e["type"] == "response.output_item.done"]
+    assert [e["output_index"] for e in added] == [e["output_index"] for e in done] == [0, 1, 2]
+    assert [e["item"] for e in done] == final["output"]
+    for k, item in enumerate(final["output"][1:], start=1):
+        deltas = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"
+                  and e["output_index"] == k]
+        assert "".join(deltas) == item["arguments"] and json.loads(item["arguments"])["days"] == 3 - k
+        assert added[k]["item"]["id"] == item["id"] and added[k]["item"]["call_id"] == item["call_id"]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
