@@ -16,6 +16,12 @@ from models.llama import PromptKV, Transformer
 from models.visual import ClipTower, VisualAdapter
 
 
+def is_bank(name: str) -> bool:
+    """Whether a Transformer parameter is an adapter bank (a row per adapter): norms, biases, LoRA, gates; the
+    base weights (`….weight` but the norms) are not."""
+    return not name.endswith(".weight") or "norm" in name
+
+
 class NoVisual(nn.Module):
     """The visual path of a bank row that has none (a server's base row, a free row): it takes no image, and its
     rows get zero adaption prompts, which with its zero gate add exactly nothing."""
@@ -39,8 +45,7 @@ class LlamaAdapterV2(nn.Module):
         """Writes an adapter into bank row `adapter_id` (every bank tensor: `models.loading.read_runtime_adapter`)
         and sets its visual path. In place, so what refers to the banks (the fused forward) sees it; the caller
         makes sure no running sequence uses the row."""
-        names = {n for n, _ in self.llama.named_parameters()}
-        banks = {n for n in names if not n.endswith(".weight") or "norm" in n}
+        banks = {n for n, _ in self.llama.named_parameters() if is_bank(n)}
         if set(row) != banks:
             raise ValueError(f"an adapter row needs every bank: missing {sorted(banks - set(row))[:4]}, "
                              f"unknown {sorted(set(row) - banks)[:4]}")

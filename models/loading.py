@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.adapter import LlamaAdapterV2, NoVisual
+from models.adapter import LlamaAdapterV2, NoVisual, is_bank
 from models.config import ModelArgs, VisualArgs
 from models.kernels import quant
 from models.llama import Transformer
@@ -467,7 +467,7 @@ def read_runtime_adapter(model: LlamaAdapterV2, name: str, path: Path, clip_mode
                 shape = (lin.lora_l2.shape[1], lin.lora_l1.shape[2])  # (out, in), whatever form the weight is in
                 state[f"{p}.{group}.{w}.weight"] = torch.empty(shape, device="meta")
     _adapter_banks(state, args, [(spec, sd)])
-    row = {k.removeprefix("llama."): v[0] for k, v in state.items() if not k.endswith(".weight") or "norm" in k}
+    row = {k.removeprefix("llama."): v[0] for k, v in state.items() if is_bank(k)}
     return row, _visual_adapter(spec, sd, hp, model.clip, clip_model)
 
 

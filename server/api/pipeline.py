@@ -86,6 +86,15 @@ class Admission:
             reservation.release()
 
 
+def engine_validate(engine: EngineClient, request: GenerateRequest) -> None:
+    """The engine's checks of a request: ContextLengthError (→ 400 with the numbers), and a 400 for a parameter
+    value it refuses (a ValueError, e.g. a grammar that does not compile)."""
+    try:
+        engine.validate(request)
+    except ValueError as e:
+        raise bad_request(str(e), code="invalid_value") from None
+
+
 # -------------------------------------------------------------------------------------- plan and job
 
 
@@ -262,11 +271,6 @@ class Pipeline:
             deadline=job.arrival + self.settings.request_timeout,
         )
 
-    def validate(self, request: GenerateRequest) -> None:
-        try:
-            self.engine.validate(request)  # ContextLengthError → 400 with the numbers
-        except ValueError as e:  # the engine's refusal of a parameter value
-            raise bad_request(str(e), code="invalid_value") from None
 
     def final_max_tokens(self, job: Job, part: int) -> int:
         if job.plan.max_tokens is not None:
@@ -314,7 +318,7 @@ class Pipeline:
 
     async def _outputs(self, job: Job, part: int) -> AsyncIterator[RequestOutput]:
         request = self.engine_request(job, part, self.final_max_tokens(job, part))
-        self.validate(request)
+        engine_validate(self.engine, request)
         model, m = job.plan.model, self.metrics
         m.prompt_tokens.labels(model).inc(len(request.prompt_ids))
         submitted = time.monotonic()

@@ -11,7 +11,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 from server.api.errors import APIError, bad_request
-from server.api.pipeline import EngineClient, Plan, Prompt
+from server.api.pipeline import EngineClient, Plan, Prompt, engine_validate
 from server.api.prompting import ChatInput, PromptBuilder, parse_messages
 from server.api.responses import ResponsesRequest, ResponseStore, conversation
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -87,13 +87,10 @@ class Planner:
             request = GenerateRequest(
                 request_id=f"check-{k}", prompt_ids=prompt.ids, adapter=plan.adapter,
                 sampling=dataclasses.replace(plan.sampling, max_tokens=max(1, plan.max_tokens or 1)))
-            try:
-                if plan.sampling.grammar is None:
-                    self.engine.validate(request)
-                else:
-                    await loop.run_in_executor(self.executor, self.engine.validate, request)
-            except ValueError as e:  # the engine's refusal of a parameter value
-                raise bad_request(str(e), code="invalid_value") from None
+            if plan.sampling.grammar is None:
+                engine_validate(self.engine, request)
+            else:
+                await loop.run_in_executor(self.executor, engine_validate, self.engine, request)
 
     def expert_names(self, requested: list[str] | None, chat: ChatInput, model: str) -> tuple[str, ...]:
         urls = chat.image_urls
