@@ -103,8 +103,7 @@ class ToolSet:
         if self.choice != "auto":
             start = "start: calls"
         elif self.answer is not None:
-            schema = '{"type": "object"}' if self.answer.kind == "json_object" else self.answer.value
-            start, rules = "start: answer | calls", [*rules, f"answer: %json {schema}"]
+            start, rules = "start: answer | calls", [*rules, f"answer: %json {self.answer.schema}"]
         else:
             start, rules = "start: TEXT | calls", [*rules, f"TEXT: /({_not_prefix(OPEN)})(.|\\n)*/"]
         return GrammarSpec("grammar", "\n".join([start, calls, call, *rules]) + "\n")

@@ -64,7 +64,7 @@ class Grammars:
         import llguidance
 
         kind = "json_schema" if spec.kind == "json_object" else spec.kind
-        text = '{"type": "object"}' if spec.kind == "json_object" else spec.value
+        text = spec.schema if kind == "json_schema" else spec.value
         try:
             return llguidance.grammar_from(kind, text)
         except Exception as e:  # noqa: BLE001 - the grammar library's own message is what the client needs

@@ -24,6 +24,11 @@ class GrammarSpec:
     kind: Literal["json_schema", "json_object", "regex", "choice", "grammar"]
     value: str = ""
 
+    @property
+    def schema(self) -> str:
+        """The JSON schema of a json_schema or json_object spec (any object), as JSON."""
+        return '{"type": "object"}' if self.kind == "json_object" else self.value
+
 
 @dataclass(frozen=True)
 class SamplingParams:
