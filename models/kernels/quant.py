@@ -181,6 +181,20 @@ def _make(fmt, n, k, bits, group, zero, big, codes, scales, mins) -> QuantWeight
     return QuantWeight(fmt, n, k, bits, group, zero, big, pack_codes(codes, bits), _interleave(scales), mins)
 
 
+def _row_blocks(weight: Tensor, dtype: torch.dtype, chunk: int, release: Callable[[Tensor], None] | None):
+    """(first row, block in `dtype`) over `weight` in blocks of about `chunk` values, whole multiples of 16 rows
+    (the kernels' row blocks); each block of `weight` goes to `release` once converted (loading drops its file
+    pages there)."""
+    N, K = weight.shape
+    rows = max(16, chunk // K // 16 * 16)
+    for i in range(0, N, rows):
+        src = weight[i : i + rows]
+        block = src.detach().to(dtype)
+        if release is not None:
+            release(src)
+        yield i, block
+
+
 def quantize(weight: Tensor, mode: str, group: int = 32, chunk: int = 1 << 22,
              release: Callable[[Tensor], None] | None = None) -> QuantWeight:
     """A 16/32-bit (N, K) weight → int8 (symmetric, one fp16 scale per 32: Q8_0's scheme) or int4 (a fp16
@@ -200,12 +214,9 @@ def quantize(weight: Tensor, mode: str, group: int = 32, chunk: int = 1 << 22,
     qs = torch.empty((blocks, K * bits // 32, 64), dtype=torch.uint8)
     scales = torch.empty((blocks, K // group, 16), dtype=torch.float16)
     mins = torch.empty_like(scales) if mode == "int4" else None
-    rows = max(16, chunk // K // 16 * 16)
-    for i in range(0, N, rows):
-        src = weight[i : i + rows]
-        w = src.float().view(-1, K // group, group)
-        if release is not None:
-            release(src)
+    for i, block in _row_blocks(weight, torch.float32, chunk, release):
+        at = slice(i // 16, i // 16 - (-block.shape[0] // 16))  # the block's 16-row blocks, its padding included
+        w = block.view(-1, K // group, group)
         if mode == "int8":
             d = (w.abs().amax(-1) / 127.0).half().float()
             inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
@@ -215,9 +226,9 @@ def quantize(weight: Tensor, mode: str, group: int = 32, chunk: int = 1 << 22,
             d, m = ((hi - lo) / 15.0).half().float(), lo.half().float()
             inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
             q = torch.round((w - m[..., None]) * inv[..., None]).clamp(0, 15)
-            mins[i // 16 : (i + rows) // 16] = _interleave(_pad_rows(m.half()))
-        qs[i // 16 : (i + rows) // 16] = pack_codes(_pad_rows(q.to(torch.uint8).view(-1, K)), bits)
-        scales[i // 16 : (i + rows) // 16] = _interleave(_pad_rows(d.half()))
+            mins[at] = _interleave(_pad_rows(m.half()))
+        qs[at] = pack_codes(_pad_rows(q.to(torch.uint8).view(-1, K)), bits)
+        scales[at] = _interleave(_pad_rows(d.half()))
     return QuantWeight(mode, N, K, bits, group, 128 if mode == "int8" else 0, mode == "int8", qs, scales, mins)
 
 
@@ -301,12 +312,8 @@ def pack_bf16(weight: Tensor, chunk: int = 1 << 22, release: Callable[[Tensor], 
     if K % 2:
         raise ValueError("the bf16 layout needs an even number of columns")
     packed = torch.empty((-(-N // 16), K // 2, 16, 2), dtype=torch.bfloat16)
-    rows = max(16, chunk // K // 16 * 16)
-    for i in range(0, N, rows):
-        src = weight[i : i + rows]
-        w = _pad_rows(src.detach().to(torch.bfloat16))
-        if release is not None:
-            release(src)
+    for i, block in _row_blocks(weight, torch.bfloat16, chunk, release):
+        w = _pad_rows(block)
         packed[i // 16 : i // 16 + w.shape[0] // 16] = w.reshape(-1, 16, K // 2, 2).permute(0, 2, 1, 3)
     return Bf16Weight(N, K, packed)
 
