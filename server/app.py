@@ -94,7 +94,7 @@ def kv_dtype(settings: Settings, device: str, activations: str, cpuinfo: Path = 
 
 def load_model(settings: Settings, progress: Callable[[str], None]):
     """The model the settings name: a LLaMA(-Adapter) checkpoint, a GGUF file, or the embedded default."""
-    from models.loading import load_gguf, load_llama_adapter
+    from models.loading import RuntimeBanks, load_gguf, load_llama_adapter
 
     device = model_device(settings.device)
     quantization = settings.quantization
@@ -107,8 +107,6 @@ def load_model(settings: Settings, progress: Callable[[str], None]):
     progress(f"activations in {dtype} on {device}, base weights: quantization {quantization}")
 
     if settings.llama_dir is not None:
-        from models.loading import RuntimeBanks
-
         runtime = RuntimeBanks(settings.max_runtime_adapters, settings.max_lora_rank, settings.runtime_query_len,
                                settings.runtime_query_layer, settings.served_model_name) \
             if settings.allow_runtime_adapters else None
