@@ -241,15 +241,25 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
-def from_gguf(data: np.ndarray, qtype: str, n: int, k: int, chunk: int = 1 << 22) -> QuantWeight:
+def from_gguf(data: np.ndarray, qtype: str, n: int, k: int, chunk: int = 1 << 22,
+              release: Callable[[np.ndarray], None] | None = None) -> QuantWeight:
     """A GGUF tensor's raw blocks (n rows of bytes) → the same numbers in the kernels' layout, losslessly.
     Converted in blocks of rows (about `chunk` values, whole multiples of 16 rows) written into the one result:
-    the conversion's temporaries (codes unpacked to a byte per value, fp32 scales) stay a block's worth."""
+    the conversion's temporaries (codes unpacked to a byte per value, fp32 scales) stay a block's worth, and
+    each block of `data` goes to `release` once converted (loading drops its file pages there, as in
+    `quantize`)."""
     rows = np.asarray(data, dtype=np.uint8).reshape(n, -1)
     step = max(16, chunk // k // 16 * 16)
     if n <= step:
         return _from_gguf_rows(rows, qtype, n, k)
-    first = _from_gguf_rows(rows[:step], qtype, step, k)
+
+    def convert(i: int) -> QuantWeight:
+        part = _from_gguf_rows(rows[i : i + step], qtype, min(step, n - i), k)
+        if release is not None:
+            release(rows[i : i + step])
+        return part
+
+    first = convert(0)
     nb = -(-n // 16)
 
     def room(t: Tensor | None) -> Tensor | None:
@@ -257,7 +267,7 @@ def from_gguf(data: np.ndarray, qtype: str, n: int, k: int, chunk: int = 1 << 22
 
     qs, scales, mins = room(first.qs), room(first.scales), room(first.mins)
     for i in range(0, n, step):
-        part = first if i == 0 else _from_gguf_rows(rows[i : i + step], qtype, min(step, n - i), k)
+        part = first if i == 0 else convert(i)
         at = slice(i // 16, i // 16 + part.qs.shape[0])
         qs[at], scales[at] = part.qs, part.scales
         if mins is not None:
