@@ -852,7 +852,6 @@ def read_gguf(
     tensors = reader.tensors
     reader = None
     gc.collect()
-    _trim_heap()
 
     state: dict[str, Tensor | quant.Weight] = {}
     converted: dict[str, int] = {}
@@ -910,7 +909,6 @@ def load_gguf(
         with _on_meta():
             model = LlamaAdapterV2(args, None, [])
         _load_strict(model.llama, state, DTYPES[dtype], str(path))
-        del state  # the model holds the weights now: fusing [q;k;v] and [w1;w3] frees each layer's parts as it goes
         model.llama.pack_weights("none")
     _log_weights(model.llama, progress)
     model.eval()
