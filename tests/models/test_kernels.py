@@ -129,10 +129,14 @@ def test_gguf_tensors_repack_losslessly_and_multiply_right(qtype):
     w = quant.from_gguf(raw, qtype, n, k)
     assert w.shape == (n, k) and w.fmt == qtype
     torch.testing.assert_close(w.dequantize(), want, rtol=0, atol=0)
-    blocks = quant.from_gguf(raw, qtype, n, k, chunk=16 * k)  # converted 16 rows at a time: the same bytes
-    for name in ("qs", "scales", "mins"):
+    released = []
+    blocks = quant.from_gguf(raw, qtype, n, k, chunk=16 * k, release=released.append)  # 16 rows at a time
+    for name in ("qs", "scales", "mins"):  # the same bytes
         a, b = getattr(w, name), getattr(blocks, name)
         assert (a is None and b is None) or torch.equal(a, b), name
+    # each block of the source goes back (loading drops its file pages) once converted, every row once
+    assert [r.__array_interface__["data"][0] for r in released] == [raw[i].ctypes.data for i in (0, 16, 32)]
+    assert np.array_equal(np.concatenate(released), raw)
     ids = torch.tensor([[3, 39], [0, 17]])
     torch.testing.assert_close(w.rows(ids), want[ids], rtol=0, atol=0)
     x = torch.randn(3, k, generator=torch.Generator().manual_seed(3))

@@ -103,3 +103,24 @@ def test_token_bytes_are_the_raw_bytes(smol):
     assert b"".join(smol.tokenizer.token_bytes(i) for i in ids) == text.encode("utf-8")
     partial = [i for i in ids if smol.tokenizer.token_text(i).endswith("\ufffd")]
     assert partial and all(b"\xef\xbf\xbd" not in smol.tokenizer.token_bytes(i) for i in partial)
+
+
+def test_our_gguf_reader_reads_what_ggufs_own_reader_reads():
+    """Loading parses the GGUF through gguf's reader over plain ndarray views of the map (a fraction of the
+    memory and time): every metadata value and every tensor's bytes must be the library's own."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from models.loading import _gguf_reader
+
+    path = default_gguf_path()
+    ours, theirs = _gguf_reader(path), GGUFReader(str(path))
+    assert type(ours.data) is np.ndarray and type(ours.tensors[0].data) is np.ndarray
+    assert list(ours.fields) == list(theirs.fields)
+    for key, field in theirs.fields.items():
+        assert ours.fields[key].types == field.types, key
+        assert ours.fields[key].contents() == field.contents(), key
+    assert len(ours.tensors) == len(theirs.tensors)
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert (a.name, a.tensor_type, list(a.shape), a.data_offset) == (b.name, b.tensor_type, list(b.shape), b.data_offset)
+        assert np.array_equal(a.data, b.data), a.name
