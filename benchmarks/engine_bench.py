@@ -66,6 +66,15 @@ def percentile(xs: list[float], q: float) -> float:
 # ---------------------------------------------------------------------------------------------- peers
 
 
+def server_kv_dtype(dtype: str) -> str:
+    """The KV-cache dtype `lamina serve` picks by default for `dtype` activations on this CPU (bf16 where the
+    CPU has native bf16): the benchmark measures the default step."""
+    from server.app import kv_dtype
+    from server.settings import Settings
+
+    return kv_dtype(Settings(), "cpu", dtype)
+
+
 def peer_ours(w: dict, dtype: str, compile_decode: bool = False) -> dict:
     import torch
 
@@ -78,7 +87,7 @@ def peer_ours(w: dict, dtype: str, compile_decode: bool = False) -> dict:
     # second thread that also ran OpenMP work made decode ~1.4x slower here
     tok = None
     config = EngineConfig(max_context=1024, max_batch=16, prefill_chunk=256, max_waiting=64,
-                          compile_decode=compile_decode)
+                          compile_decode=compile_decode, dtype=server_kv_dtype(dtype))
 
     async def one(engine, rid, prompt, max_tokens, arrival_t, ttft, stamps):
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
@@ -126,9 +135,12 @@ def direct_decode(dtype: str, threads: int, compile_decode: bool, steps: int = 6
 
     from models.loading import DTYPES, load_gguf
     from server.engine.runner import ModelRunner
+    from server.engine.sampling import argmax_rows
 
     torch.set_num_threads(threads)
-    runner = ModelRunner(load_gguf(dtype=dtype), n_slots=16, max_context=1024, kv_dtype=DTYPES[dtype],
+    kv = server_kv_dtype(dtype)
+    print(f"activations {dtype}, KV cache {kv} (the server's defaults)")
+    runner = ModelRunner(load_gguf(dtype=dtype), n_slots=16, max_context=1024, kv_dtype=DTYPES[kv],
                          compile_decode=compile_decode)
     t = time.perf_counter()
     runner.warmup()
@@ -140,7 +152,7 @@ def direct_decode(dtype: str, threads: int, compile_decode: bool, steps: int = 6
         positions, tokens, times = [40 + 3 * s for s in slots], [5] * B, []
         for _ in range(steps):
             t = time.perf_counter()
-            tokens = runner.decode(slots, tokens, positions).argmax(-1).tolist()
+            tokens = argmax_rows(runner.decode(slots, tokens, positions))
             times.append(time.perf_counter() - t)
             positions = [p + 1 for p in positions]
         med = statistics.median(times[5:])
@@ -159,6 +171,7 @@ def profile_step(runner, slots: list[int], tokens: list[int], positions: list[in
     output head is the final norm + the vocabulary projection) and the rest of `runner.decode` (Python, the
     argmax here). Means over `steps` steps, so noise spikes count."""
     from models import kernels
+    from server.engine.sampling import argmax_rows
 
     if runner.llama.fused is None:
         print("profile: the model does not run the fused CPU forward; nothing to break down")
@@ -167,11 +180,11 @@ def profile_step(runner, slots: list[int], tokens: list[int], positions: list[in
     op.profile_plain(True)
     t = time.perf_counter()
     for _ in range(steps):
-        tokens = runner.decode(slots, tokens, positions).argmax(-1).tolist()
+        tokens = argmax_rows(runner.decode(slots, tokens, positions))
         positions = [p + 1 for p in positions]
     step = (time.perf_counter() - t) / steps
     phases = dict(zip(PHASES, (v / steps for v in op.profile_plain(False)), strict=True))
-    rows = [*phases.items(), ("rest (Python, argmax)", step - sum(phases.values()))]
+    rows = [*phases.items(), ("rest (Python, the engine's argmax)", step - sum(phases.values()))]
     print(f"profile B={len(slots)}: {step * 1e3:.2f} ms/step (mean of {steps})")
     for name, v in rows:
         print(f"  {name:30s} {v * 1e3:6.2f} ms  {v / step:6.1%}")

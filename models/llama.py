@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import mmap
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,13 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    @cached_property
+    def fused(self):
+        """These tensors held by the fused CPU forward (models/kernels: FusedCache), made on first use."""
+        from models import kernels
+
+        return kernels.classes().FusedCache(list(self.k), list(self.v))
 
 
 @dataclass(frozen=True)
@@ -315,7 +323,7 @@ class Transformer(nn.Module):
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.embed_packed: Weight | None = None  # packed token embeddings (rows dequantized on lookup)
         self.output_packed: Weight | None = None  # packed output projection (the embeddings when tied)
-        self.fused = None  # (packed embeddings or None, weights, meta, op) of the fused CPU forward, see `prepare_fused`
+        self.fused = None  # (embeddings packed?, the kernel's FusedModel, vocab padded?), see `prepare_fused`
 
     def forward(
         self,
@@ -376,27 +384,41 @@ class Transformer(nn.Module):
 
     def _forward_fused(self, tokens, positions, cache: KVCache, rows, last_only: bool, logit_index,
                        adapter_ids: Tensor | None, prompt_kv: PromptKV | None) -> Tensor:
-        """Token ids to logits in one call of the fused CPU kernel (see `prepare_fused`); same result as `run`
-        up to fp32 rounding, and the same bits for a token however it is batched, chunked or cached."""
+        """`forward` through the fused CPU kernel (see `forward_fused`): same result as `run` up to fp32 rounding,
+        and the same bits for a token however it is batched, chunked or cached."""
         B, T = tokens.shape
-        a = self.args
-        emb, weights, meta, op, adapter = self.fused
-        h = None if emb is not None else self.embed(tokens).reshape(B * T, a.dim)
         if logit_index is None:
-            index = torch.arange(B * T) if not last_only else torch.arange(T - 1, B * T, T)
+            index = list(range(B * T)) if not last_only else list(range(T - 1, B * T, T))
         else:
-            index = logit_index
-        pk = pv = prows = plens = None
-        if adapter_ids is None:
-            adapter = []
-        elif prompt_kv is not None:
-            pk, pv, prows, plens = prompt_kv.by_row()
-        logits = op(tokens.reshape(-1), h, weights, meta, list(cache.k), list(cache.v), rows, positions, index,
-                    a.n_heads, a.kv_heads, a.norm_eps, a.rope_theta, adapter, adapter_ids, pk, pv, prows, plens,
-                    a.adapted_layers.start if len(a.adapted_layers) else a.n_layers)[:, : a.vocab_size]
+            index = logit_index.tolist()
+        logits = self.forward_fused(cache, tokens.reshape(-1).tolist(), rows.tolist(), positions.reshape(-1).tolist(),
+                                    index, None if adapter_ids is None else adapter_ids.tolist(), prompt_kv)
         if logit_index is None and not last_only:
             return logits.view(B, T, -1)
         return logits
+
+    def forward_fused(self, cache: KVCache, tokens: list[int], rows: list[int], positions: list[int],
+                      logit_index: list[int], adapter_ids: list[int] | None = None,
+                      prompt_kv: PromptKV | None = None) -> Tensor:
+        """Token ids to logits (M, vocab) in one call of the fused CPU kernel (see `prepare_fused`), from plain
+        lists: the B = len(rows) batch rows' tokens and positions row by row (T = len(tokens) / B each), each
+        row's cache row and adapter, and the M flat token indices whose logits are returned. The engine's step
+        calls this directly: after the kernel has streamed the weights through the caches, each torch call on
+        the way costs tens of microseconds in misses (the Python side of a batch-1 step took 0.5 ms cold,
+        0.05 ms warm), so this one makes no tensors."""
+        packed_embeddings, fused, padded_vocab = self.fused
+        h = None
+        if not packed_embeddings:
+            with torch.no_grad():
+                h = self.embed(torch.tensor(tokens)[None])[0]
+        pk = pv = None
+        prows = plens = []
+        if prompt_kv is not None:
+            pk, pv, r, n = prompt_kv.by_row()
+            prows, plens = r.tolist(), n.tolist()
+        logits = fused.forward(cache.fused, tokens, h, rows, positions, logit_index, adapter_ids or [], pk, pv,
+                               prows, plens)
+        return logits[:, : self.args.vocab_size] if padded_vocab else logits
 
     def prepare_fused(self) -> bool:
         """Uses the fused forward for this model when it can run it: on the CPU, fp32 activations, the output
@@ -426,7 +448,11 @@ class Transformer(nn.Module):
                     weights.append(norm.weight[0].contiguous())
                 weights += [w.qs, w.scales, w.mins if w.mins is not None else none]
                 meta += [w.bits, w.group, w.zero, int(w.big)]
-        self.fused = (emb, weights, meta, kernels.ops().forward_plain, self._fused_adapter_tensors())
+        a = self.args
+        fused = kernels.classes().FusedModel(weights, meta, a.n_heads, a.kv_heads, a.norm_eps, a.rope_theta,
+                                             self._fused_adapter_tensors(),
+                                             a.adapted_layers.start if len(a.adapted_layers) else a.n_layers)
+        self.fused = (emb is not None, fused, out.qs.shape[0] * 16 != a.vocab_size)  # the kernel's rows: whole 16s
         return True
 
     def _fused_adapter_tensors(self) -> list[Tensor]:

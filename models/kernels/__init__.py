@@ -10,7 +10,8 @@ where no compiler is found. The best variant the CPU supports is chosen at run t
 $LAMINA_KERNEL_DIR or ~/.cache/lamina/kernels, keyed by variant, compiler flags, the CPU's feature flags, the
 torch version and the source's hash. A build that fails is logged once and the next variant down is used.
 The ops are real torch ops (`torch.ops.lamina_<isa>.qmm`, `.mm_bf16`) with fake implementations, so
-torch.compile traces them.
+torch.compile traces them; the fused forward is a method of a class that holds its weights (the variant's
+module's `FusedModel`, see `classes()` and `models.llama.Transformer.prepare_fused`).
 """
 
 from __future__ import annotations
@@ -57,25 +58,35 @@ def _reason(e: BaseException) -> str:
     return (lines[-1] if lines else type(e).__name__)[:300]
 
 
+_MODULES: dict[str, object] = {}  # op namespace -> the variant's Python module (its FusedModel, FusedCache)
+
+
 def _build(variant: str) -> str:
     """Compiles and loads one variant; returns its op namespace. Raises on failure."""
+    import importlib.util
+
     from torch.utils.cpp_extension import load
 
     _, flags, macro = VARIANTS[variant]
     flags = [*flags, "-mavx512bf16"] if variant == "avx512" and "avx512_bf16" in cpu_flags() else list(flags)
     ns = f"lamina_{variant}"
+    if ns in _MODULES:  # loaded before in this process (a module initialises once)
+        return ns
     key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, " ".join(flags),
                                     " ".join(sorted(cpu_flags()))]).encode()).hexdigest()[:16]
     build = Path(os.environ.get("LAMINA_KERNEL_DIR", Path.home() / ".cache" / "lamina" / "kernels")) / f"{ns}-{key}"
     built = build / f"{ns}.so"
     if built.is_file():  # this exact source, flags, CPU and torch: load it (no compiler needed, e.g. in Docker)
-        torch.ops.load_library(str(built))
+        spec = importlib.util.spec_from_file_location(ns, built)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # loading the library registers its torch ops too
     else:
         build.mkdir(parents=True, exist_ok=True)
         # -fopenmp: at::parallel_for is inline, and single-threaded, without it (libgomp.so.1 resolves to torch's)
-        load(name=ns, sources=[str(SOURCE)],
-             extra_cflags=["-O3", "-fopenmp", *flags, f"-D{macro}", f"-DLAMINA_NS={ns}"],
-             extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False, verbose=False)
+        module = load(name=ns, sources=[str(SOURCE)],
+                      extra_cflags=["-O3", "-fopenmp", *flags, f"-D{macro}", f"-DLAMINA_NS={ns}"],
+                      extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=True, verbose=False)
+    _MODULES[ns] = module
     _register_fakes(ns)
     return ns
 
@@ -135,6 +146,14 @@ def ops(variant: str | None = None):
     variant = variant or isa()
     ns = None if variant == "torch" else load_variant(variant)
     return None if ns is None else getattr(torch.ops, ns)
+
+
+def classes(variant: str | None = None):
+    """The Python module of a variant (its FusedModel and FusedCache: the fused forward and its held
+    arguments), or None for torch."""
+    variant = variant or isa()
+    ns = None if variant == "torch" else load_variant(variant)
+    return None if ns is None else _MODULES[ns]
 
 
 def has_bf16(variant: str | None = None) -> bool:

@@ -242,15 +242,22 @@ class ModelRunner:
                 self.compiled = None
         self.decode([0], [0], [2])
 
-    @torch.inference_mode()
     def forward(self, chunks: list[Chunk]) -> Tensor | None:
         """Runs one step's chunks (each slot at most once) → logits (M, V) of the chunks that ask, in order."""
         t0 = time.perf_counter()
         for c in chunks:
             self.rows.wrote(c.slot, c.start + len(c.tokens))
-        if self.llama.fused is not None:  # the fused CPU forward: one call, packed rows
+        if self.llama.fused is not None:  # the fused CPU forward: one call, packed rows (it records no autograd)
             out = self._forward_packed(chunks)
-        elif self.one_token_forwards:
+        else:
+            out = self._forward_eager(chunks)
+        prefill = any(len(c.tokens) > 1 or not c.logits for c in chunks)
+        self.observer.on_stage("prefill" if prefill else "decode", time.perf_counter() - t0)
+        return out
+
+    @torch.inference_mode()
+    def _forward_eager(self, chunks: list[Chunk]) -> Tensor | None:
+        if self.one_token_forwards:
             out = self._forward_one_by_one(chunks)
         else:
             out = {}
@@ -263,11 +270,7 @@ class ModelRunner:
                 out.update(zip([i for i in group if chunks[i].logits], logits, strict=True))
             out = [out[i] for i, c in enumerate(chunks) if c.logits]
             out = torch.stack(out) if out else None
-        if out is not None:
-            out = out.cpu()
-        prefill = any(len(c.tokens) > 1 or not c.logits for c in chunks)
-        self.observer.on_stage("prefill" if prefill else "decode", time.perf_counter() - t0)
-        return out
+        return None if out is None else out.cpu()
 
     def prefill(self, slot: int, tokens: list[int], start: int) -> Tensor:
         """Writes tokens at positions start.. into the slot; returns the last position's logits (V,)."""
@@ -289,9 +292,8 @@ class ModelRunner:
             if c.logits:
                 want.append(len(tokens) - 1)
         adapter_ids, pkv = self._batch_inputs(slots)  # each token reads its slot's prompts in place
-        logits = self.llama(self._ids(tokens)[:, None], self._ids(positions)[:, None], cache=self.cache,
-                            rows=self._ids(rows), adapter_ids=adapter_ids, prompt_kv=pkv,
-                            logit_index=self._ids(want or [0]))  # [0]: one row nobody reads
+        logits = self.llama.forward_fused(self.cache, tokens, rows, positions, want or [0],  # [0]: a row nobody reads
+                                          None if adapter_ids is None else adapter_ids.tolist(), pkv)
         return logits if want else None
 
     def _forward_one_by_one(self, chunks: list[Chunk]) -> Tensor | None:
