@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import mmap
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -70,12 +69,12 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    @cached_property
-    def fused(self):
-        """These tensors held by the fused CPU forward (models/kernels: FusedCache), made on first use."""
-        from models import kernels
-
-        return kernels.classes().FusedCache(list(self.k), list(self.v))
+    def held_by(self, kernel_module):
+        """These tensors as a kernel variant's fused forward holds them (its FusedCache), made once per variant."""
+        held = self.__dict__.setdefault("_held", {})  # (not a field: a frozen dataclass keeps its own dict)
+        if kernel_module not in held:
+            held[kernel_module] = kernel_module.FusedCache(list(self.k), list(self.v))
+        return held[kernel_module]
 
 
 @dataclass(frozen=True)
@@ -323,7 +322,7 @@ class Transformer(nn.Module):
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.embed_packed: Weight | None = None  # packed token embeddings (rows dequantized on lookup)
         self.output_packed: Weight | None = None  # packed output projection (the embeddings when tied)
-        self.fused = None  # (embeddings packed?, the kernel's FusedModel, vocab padded?), see `prepare_fused`
+        self.fused = None  # (embeddings packed?, its FusedModel, vocab padded?, kernel module): `prepare_fused`
 
     def forward(
         self,
@@ -406,7 +405,7 @@ class Transformer(nn.Module):
         calls this directly: after the kernel has streamed the weights through the caches, each torch call on
         the way costs tens of microseconds in misses (the Python side of a batch-1 step took 0.5 ms cold,
         0.05 ms warm), so this one makes no tensors."""
-        packed_embeddings, fused, padded_vocab = self.fused
+        packed_embeddings, fused, padded_vocab, module = self.fused
         h = None
         if not packed_embeddings:
             with torch.no_grad():
@@ -416,7 +415,7 @@ class Transformer(nn.Module):
         if prompt_kv is not None:
             pk, pv, r, n = prompt_kv.by_row()
             prows, plens = r.tolist(), n.tolist()
-        logits = fused.forward(cache.fused, tokens, h, rows, positions, logit_index, adapter_ids or [], pk, pv,
+        logits = fused.forward(cache.held_by(module), tokens, h, rows, positions, logit_index, adapter_ids or [], pk, pv,
                                prows, plens)
         return logits[:, : self.args.vocab_size] if padded_vocab else logits
 
@@ -449,10 +448,12 @@ class Transformer(nn.Module):
                 weights += [w.qs, w.scales, w.mins if w.mins is not None else none]
                 meta += [w.bits, w.group, w.zero, int(w.big)]
         a = self.args
-        fused = kernels.classes().FusedModel(weights, meta, a.n_heads, a.kv_heads, a.norm_eps, a.rope_theta,
+        module = kernels.classes()
+        fused = module.FusedModel(weights, meta, a.n_heads, a.kv_heads, a.norm_eps, a.rope_theta,
                                              self._fused_adapter_tensors(),
                                              a.adapted_layers.start if len(a.adapted_layers) else a.n_layers)
-        self.fused = (emb is not None, fused, out.qs.shape[0] * 16 != a.vocab_size)  # the kernel's rows: whole 16s
+        # the kernel's output rows come in whole 16s: whether the vocabulary is padded
+        self.fused = (emb is not None, fused, out.qs.shape[0] * 16 != a.vocab_size, module)
         return True
 
     def _fused_adapter_tensors(self) -> list[Tensor]:

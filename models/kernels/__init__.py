@@ -70,12 +70,12 @@ def _build(variant: str) -> str:
     _, flags, macro = VARIANTS[variant]
     flags = [*flags, "-mavx512bf16"] if variant == "avx512" and "avx512_bf16" in cpu_flags() else list(flags)
     ns = f"lamina_{variant}"
-    if ns in _MODULES:  # loaded before in this process (a module initialises once)
-        return ns
     key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, " ".join(flags),
                                     " ".join(sorted(cpu_flags()))]).encode()).hexdigest()[:16]
     build = Path(os.environ.get("LAMINA_KERNEL_DIR", Path.home() / ".cache" / "lamina" / "kernels")) / f"{ns}-{key}"
     built = build / f"{ns}.so"
+    if getattr(_MODULES.get(ns), "__file__", None) == str(built):  # loaded before in this process: it initialises once
+        return ns
     if built.is_file():  # this exact source, flags, CPU and torch: load it (no compiler needed, e.g. in Docker)
         spec = importlib.util.spec_from_file_location(ns, built)
         module = importlib.util.module_from_spec(spec)

@@ -21,16 +21,22 @@ def fused():
 
 
 def _count_forwards(core, monkeypatch) -> list[int]:
-    """Counts the model's forwards, recording the rows (tokens) of each."""
+    """Counts the model's forwards (the fused kernel's calls for the fused model, which the runner makes
+    through `forward_fused`), recording the rows (tokens) of each."""
     calls: list[int] = []
     llama = core.runner.llama
-    real = llama.forward
+    real, real_fused = llama.forward, llama.forward_fused
 
     def counted(tokens, positions, **kw):
         calls.append(tokens.numel())
         return real(tokens, positions, **kw)
 
+    def counted_fused(cache, tokens, *args):
+        calls.append(len(tokens))
+        return real_fused(cache, tokens, *args)
+
     monkeypatch.setattr(llama, "forward", counted)
+    monkeypatch.setattr(llama, "forward_fused", counted_fused)
     return calls
 
 
