@@ -121,6 +121,6 @@ def test_our_gguf_reader_reads_what_ggufs_own_reader_reads():
         assert ours.fields[key].types == field.types, key
         assert ours.fields[key].contents() == field.contents(), key
     assert len(ours.tensors) == len(theirs.tensors)
-    for a, b in zip(ours.tensors, theirs.tensors):
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
         assert (a.name, a.tensor_type, list(a.shape), a.data_offset) == (b.name, b.tensor_type, list(b.shape), b.data_offset)
         assert np.array_equal(a.data, b.data), a.name
