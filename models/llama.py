@@ -450,8 +450,8 @@ class Transformer(nn.Module):
         a = self.args
         module = kernels.classes()
         fused = module.FusedModel(weights, meta, a.n_heads, a.kv_heads, a.norm_eps, a.rope_theta,
-                                             self._fused_adapter_tensors(),
-                                             a.adapted_layers.start if len(a.adapted_layers) else a.n_layers)
+                                  self._fused_adapter_tensors(),
+                                  a.adapted_layers.start if len(a.adapted_layers) else a.n_layers)
         # the kernel's output rows come in whole 16s: whether the vocabulary is padded
         self.fused = (emb is not None, fused, out.qs.shape[0] * 16 != a.vocab_size, module)
         return True
