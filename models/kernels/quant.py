@@ -181,12 +181,17 @@ def _make(fmt, n, k, bits, group, zero, big, codes, scales, mins) -> QuantWeight
     return QuantWeight(fmt, n, k, bits, group, zero, big, pack_codes(codes, bits), _interleave(scales), mins)
 
 
+def _block_rows(chunk: int, k: int) -> int:
+    """Rows per conversion block of rows of `k` values: about `chunk` values, a whole multiple of 16 rows (the
+    kernels' row blocks)."""
+    return max(16, chunk // k // 16 * 16)
+
+
 def _row_blocks(weight: Tensor, dtype: torch.dtype, chunk: int, release: Callable[[Tensor], None] | None):
-    """(first row, block in `dtype`) over `weight` in blocks of about `chunk` values, whole multiples of 16 rows
-    (the kernels' row blocks); each block of `weight` goes to `release` once converted (loading drops its file
-    pages there)."""
+    """(first row, block in `dtype`) over `weight` in blocks of about `chunk` values (`_block_rows`); each block
+    of `weight` goes to `release` once converted (loading drops its file pages there)."""
     N, K = weight.shape
-    rows = max(16, chunk // K // 16 * 16)
+    rows = _block_rows(chunk, K)
     for i in range(0, N, rows):
         src = weight[i : i + rows]
         block = src.detach().to(dtype)
@@ -249,7 +254,7 @@ def from_gguf(data: np.ndarray, qtype: str, n: int, k: int, chunk: int = 1 << 22
     each block of `data` goes to `release` once converted (loading drops its file pages there, as in
     `quantize`)."""
     rows = np.asarray(data, dtype=np.uint8).reshape(n, -1)
-    step = max(16, chunk // k // 16 * 16)
+    step = _block_rows(chunk, k)
     if n <= step:
         return _from_gguf_rows(rows, qtype, n, k)
 
