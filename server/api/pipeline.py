@@ -271,7 +271,6 @@ class Pipeline:
             deadline=job.arrival + self.settings.request_timeout,
         )
 
-
     def final_max_tokens(self, job: Job, part: int) -> int:
         if job.plan.max_tokens is not None:
             return job.plan.max_tokens

@@ -350,7 +350,7 @@ class AsyncEngine:
     def _fail_all(self, error: EngineError) -> None:
         for q in list(self._queues.values()):
             q.put_nowait(error)
-        for done in list(getattr(self, "_installs", ())):
+        for done in list(self._installs):
             _settle(done, error)
 
     def _serve(self) -> None:
