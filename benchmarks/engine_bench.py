@@ -127,8 +127,11 @@ def peer_ours(w: dict, dtype: str, compile_decode: bool = False) -> dict:
     return result
 
 
-def direct_decode(dtype: str, threads: int, compile_decode: bool, steps: int = 60, profile: bool = False) -> None:
-    """Model-runner decode loop without the engine (no scheduler, sampling, detokenizer): ms/step at B=1, 16."""
+def direct_decode(dtype: str, threads: int, compile_decode: bool, steps: int = 60, profile: bool = False,
+                  quantization: str = "auto", eager: bool = False) -> None:
+    """Model-runner decode loop without the engine (no scheduler, sampling, detokenizer): ms/step at B=1, 16.
+    `quantization` none: the GGUF dequantized to `dtype` (bf16: the bf16 kernel's weights); `eager`: the eager
+    layers even where the fused forward could run (what it is measured against)."""
     import statistics
 
     import torch
@@ -140,8 +143,11 @@ def direct_decode(dtype: str, threads: int, compile_decode: bool, steps: int = 6
     torch.set_num_threads(threads)
     kv = server_kv_dtype(dtype)
     print(f"activations {dtype}, KV cache {kv} (the server's defaults)")
-    runner = ModelRunner(load_gguf(dtype=dtype), n_slots=16, max_context=1024, kv_dtype=DTYPES[kv],
-                         compile_decode=compile_decode)
+    loaded = load_gguf(dtype=dtype, quantization=quantization)
+    if eager:
+        loaded.model.llama.fused = None
+    runner = ModelRunner(loaded, n_slots=16, max_context=1024, kv_dtype=DTYPES[kv], compile_decode=compile_decode)
+    print(f"weights {quantization}: {'fused CPU forward' if runner.llama.fused is not None else 'eager layers'}")
     t = time.perf_counter()
     runner.warmup()
     print(f"warmup {time.perf_counter() - t:.1f} s")
@@ -411,13 +417,17 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="our engine with compile_decode (torch.compile, batch 1)")
     ap.add_argument("--direct", action="store_true", help="only our runner's decode loop at B=1 and B=16")
     ap.add_argument("--profile", action="store_true", help="with --direct: where a decode step's time goes")
+    ap.add_argument("--quantization", default="auto", choices=["auto", "none"],
+                    help="with --direct: none dequantizes the GGUF to --dtype (bf16: bf16 weights)")
+    ap.add_argument("--eager", action="store_true", help="with --direct: the eager layers, not the fused forward")
     ap.add_argument("--peer", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.hf_dtype = args.hf_dtype or args.dtype
     w = {**workload(args.requests, args.max_tokens, args.rate), "threads": args.threads}
     if args.direct:
-        direct_decode(args.dtype, args.threads, args.compile, profile=args.profile)
+        direct_decode(args.dtype, args.threads, args.compile, profile=args.profile, quantization=args.quantization,
+                      eager=args.eager)
         print(f"the model's GEMVs alone ({gemv_name()}, cold): {gemv_floor_ms(args.dtype, args.threads):.1f} ms")
         return
 

@@ -409,7 +409,7 @@ class Transformer(nn.Module):
         h = None
         if not packed_embeddings:
             with torch.no_grad():
-                h = self.embed(torch.tensor(tokens)[None])[0]
+                h = self.embed(torch.tensor(tokens)[None])[0].float()
         pk = pv = None
         prows = plens = []
         if prompt_kv is not None:
@@ -420,40 +420,59 @@ class Transformer(nn.Module):
         return logits[:, : self.args.vocab_size] if padded_vocab else logits
 
     def prepare_fused(self) -> bool:
-        """Uses the fused forward for this model when it can run it: on the CPU, fp32 activations, the output
-        head and every layer's [q;k;v], wo, [w1;w3], w2 quantized and unpadded, and a compiled kernel variant;
-        plain models and LLaMA-Adapter V2 ones (per-adapter norms, biases, LoRA, gated adaption prompts).
+        """Uses the fused forward for this model when it can run it: on the CPU, a compiled kernel variant, the
+        output head and every layer's [q;k;v], wo, [w1;w3], w2 packed (quantized, or bf16 where the variant has
+        the bf16 product) with whole 16s of rows; plain models and LLaMA-Adapter V2 ones (per-adapter norms,
+        biases, LoRA, gated adaption prompts). It computes in fp32 whatever `--dtype` says: over bf16 weights
+        the activations are rounded to bf16 for each product only (the eager bf16 layers round every op).
         Returns whether it does. `fused = None` turns it off (the eager path, e.g. in tests)."""
         from models import kernels
 
         self.fused = None
         out = self.output_packed
-        if self.dtype != torch.float32 or not isinstance(out, quant.QuantWeight) or kernels.isa() == "torch" \
+        if self.dtype not in (torch.float32, torch.bfloat16) or kernels.isa() == "torch" \
                 or self.norm.weight.device.type != "cpu":
             return False
-        emb = self.embed_packed if isinstance(self.embed_packed, quant.QuantWeight) else None
+        bf16 = kernels.has_bf16()
+
+        def fusable(w, head: bool = False) -> bool:  # the head's padding rows are sliced off the logits
+            return (isinstance(w, quant.QuantWeight) or (bf16 and isinstance(w, quant.Bf16Weight))) and (
+                head or w.n % 16 == 0)
+
+        def parts(w) -> tuple[list[Tensor], list[int]]:
+            if isinstance(w, quant.Bf16Weight):
+                return [w.packed, none, none], [16, 0, 0, 0]
+            return [w.qs, w.scales, w.mins if w.mins is not None else none], [w.bits, w.group, w.zero, int(w.big)]
+
+        def norm(weight: Tensor) -> Tensor:  # fp32 (a copy of a bf16 model's: dim values)
+            return weight[0].float().contiguous()
+
+        if not fusable(out, head=True):
+            return False
+        emb = self.embed_packed if fusable(self.embed_packed, head=True) else None
         none = torch.empty(0)
-        weights = [none, none, none] if emb is None else [emb.qs, emb.scales, emb.mins if emb.mins is not None else none]
-        meta = [0, 0, 0, 0] if emb is None else [emb.bits, emb.group, emb.zero, int(emb.big)]
-        weights += [self.norm.weight[0].contiguous(), out.qs, out.scales, out.mins if out.mins is not None else none]
-        meta += [out.bits, out.group, out.zero, int(out.big)]
+        weights, meta = parts(emb) if emb is not None else ([none, none, none], [0, 0, 0, 0])
+        w, m = parts(out)
+        weights += [norm(self.norm.weight), *w]
+        meta += m
         for layer in self.layers:
             attn, ffn = layer.attention, layer.feed_forward
             mats = (attn.wqkv_packed, attn.wo.packed, ffn.w13_packed, ffn.w2.packed)
-            if not all(isinstance(w, quant.QuantWeight) and w.n % 16 == 0 for w in mats):
+            if not all(fusable(w) for w in mats):
                 return False
-            for norm, w in ((layer.attention_norm, mats[0]), (None, mats[1]), (layer.ffn_norm, mats[2]), (None, mats[3])):
-                if norm is not None:
-                    weights.append(norm.weight[0].contiguous())
-                weights += [w.qs, w.scales, w.mins if w.mins is not None else none]
-                meta += [w.bits, w.group, w.zero, int(w.big)]
+            for rms, w in ((layer.attention_norm, mats[0]), (None, mats[1]), (layer.ffn_norm, mats[2]), (None, mats[3])):
+                if rms is not None:
+                    weights.append(norm(rms.weight))
+                w, m = parts(w)
+                weights += w
+                meta += m
         a = self.args
         module = kernels.classes()
         fused = module.FusedModel(weights, meta, a.n_heads, a.kv_heads, a.norm_eps, a.rope_theta,
                                   self._fused_adapter_tensors(),
                                   a.adapted_layers.start if len(a.adapted_layers) else a.n_layers)
         # the kernel's output rows come in whole 16s: whether the vocabulary is padded
-        self.fused = (emb is not None, fused, out.qs.shape[0] * 16 != a.vocab_size, module)
+        self.fused = (emb is not None, fused, out.n % 16 != 0, module)
         return True
 
     def _fused_adapter_tensors(self) -> list[Tensor]:
@@ -467,6 +486,9 @@ class Transformer(nn.Module):
 
         def t(x: Tensor | None) -> Tensor:
             return none if x is None else x.detach().float().contiguous()
+
+        def lora(x: Tensor | None) -> Tensor:  # read in place: fp32, or a bf16 model's own bf16
+            return t(x) if x is None or x.dtype not in (torch.float32, torch.bfloat16) else x.detach().contiguous()
 
         out = [t(self.norm.weight)]
         for layer in self.layers:
@@ -487,7 +509,7 @@ class Transformer(nn.Module):
             out += [t(layer.attention_norm.weight), t(layer.ffn_norm.weight), qkv_bias, t(attn.wo.bias), w13_bias,
                     t(ffn.w2.bias), gate]
             for lin in (attn.wq, attn.wk, attn.wv, attn.wo, ffn.w1, ffn.w3, ffn.w2):
-                out += [t(lin.lora_l1), t(lin.lora_l2)]
+                out += [lora(lin.lora_l1), lora(lin.lora_l2)]
         return out
 
     @property

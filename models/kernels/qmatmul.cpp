@@ -25,6 +25,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -349,6 +350,50 @@ void dispatch(int64_t bits, bool affine, bool big, const uint8_t* W, const S* sc
 }
 
 // A packed quantized weight as the kernels read it (see the layout at the top).
+#if defined(LAMINA_ISA_AVX512) && defined(__AVX512BF16__)
+#define LAMINA_HAS_BF16 1
+// bf16 weights (N/16, K/2, 16, 2): one 64-byte line holds one pair of input columns for 16 rows;
+// y[16 rows] += vdpbf16ps(line, broadcast(x[2p], x[2p+1])). Two accumulators over p mod 2, fp32; y: bf16
+// (uint16_t, rounded once) or fp32.
+template <int TM, typename Y>
+void bf16_block_rows(const uint16_t* W, const uint16_t* x, Y* y, int64_t rb, int64_t m0, int64_t K, int64_t N) {
+  constexpr int mt = TM;
+  const int64_t P = K / 2;
+  const char* base = reinterpret_cast<const char*>(W + rb * 16 * K);
+  __m512 acc[TM][2];
+  const int32_t* x32[TM];
+  for (int t = 0; t < mt; ++t) {
+    acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+    x32[t] = reinterpret_cast<const int32_t*>(x + (m0 + t) * K);
+  }
+  int64_t p = 0;
+  for (; p + 2 <= P; p += 2) {
+    _mm_prefetch(base + p * 64 + PREFETCH, _MM_HINT_T0);
+    _mm_prefetch(base + p * 64 + 64 + PREFETCH, _MM_HINT_T0);
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(base + p * 64), w1 = (__m512bh)_mm512_loadu_si512(base + p * 64 + 64);
+    for (int t = 0; t < mt; ++t) {
+      acc[t][0] = _mm512_dpbf16_ps(acc[t][0], (__m512bh)_mm512_set1_epi32(x32[t][p]), w0);
+      acc[t][1] = _mm512_dpbf16_ps(acc[t][1], (__m512bh)_mm512_set1_epi32(x32[t][p + 1]), w1);
+    }
+  }
+  for (; p < P; ++p) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(base + p * 64);
+    for (int t = 0; t < mt; ++t) acc[t][0] = _mm512_dpbf16_ps(acc[t][0], (__m512bh)_mm512_set1_epi32(x32[t][p]), w0);
+  }
+  for (int t = 0; t < mt; ++t) {
+    const __m512 sum = _mm512_add_ps(acc[t][0], acc[t][1]);
+    if constexpr (std::is_same_v<Y, float>) {
+      _mm512_storeu_ps(y + (m0 + t) * N + rb * 16, sum);
+    } else {
+      const __m256bh r = _mm512_cvtneps_pbh(sum);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + (m0 + t) * N + rb * 16), (__m256i)r);
+    }
+  }
+}
+#endif
+
+// A packed weight as the fused forward reads it: bits 4/8, integer codes (see the layout above); bits 16, bf16
+// weights in the bf16 product's layout (N/16, K/2, 16, 2), no scales.
 struct QW {
   const uint8_t* qs;
   const void* scales;
@@ -360,14 +405,45 @@ struct QW {
 
 QW qw_from(const std::vector<at::Tensor>& t, size_t i, const std::vector<int64_t>& meta, size_t j) {
   // t[i] codes, t[i+1] scales, t[i+2] mins (empty: symmetric); meta[j..j+3] bits, group, zero, big
-  QW w{t[i].data_ptr<uint8_t>(), t[i + 1].data_ptr(), t[i + 2].numel() ? t[i + 2].data_ptr() : nullptr,
-       t[i + 1].scalar_type() == at::kHalf, meta[j], meta[j + 1], meta[j + 2], t[i].size(0) * 16, meta[j + 3] != 0};
+  const bool bf16 = meta[j] == 16;
+  TORCH_CHECK(t[i].scalar_type() == (bf16 ? at::kBFloat16 : at::kByte) && t[i].is_contiguous(),
+              "fused forward: weight ", i, " is not a packed ", bf16 ? "bf16" : "integer", " weight");
+  QW w{static_cast<const uint8_t*>(t[i].data_ptr()), bf16 ? nullptr : t[i + 1].data_ptr(),
+       t[i + 2].numel() ? t[i + 2].data_ptr() : nullptr, !bf16 && t[i + 1].scalar_type() == at::kHalf, meta[j],
+       meta[j + 1], meta[j + 2], t[i].size(0) * 16, meta[j + 3] != 0};
   return w;
+}
+
+// y (M, w.n) fp32 = x (M, K) fp32 @ W.T for a bf16 weight: x rounded to bf16 (to nearest even, as torch's
+// .to(bfloat16)), then the bf16 product with fp32 accumulation, threads over the 16-row blocks.
+void bf16_into(const QW& w, const float* x, int64_t M, int64_t K, float* y) {
+#ifdef LAMINA_HAS_BF16
+  std::vector<uint16_t> xb(M * K);
+  int64_t i = 0;
+  for (; i + 16 <= M * K; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb.data() + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+  for (; i < M * K; ++i) xb[i] = c10::BFloat16(x[i]).x;
+  const auto* W = reinterpret_cast<const uint16_t*>(w.qs);
+  const int64_t N = w.n;
+  at::parallel_for(0, N / 16, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t rb = b0; rb < b1; ++rb)
+      for (int64_t m0 = 0; m0 < M; m0 += MT)
+        with_tile(static_cast<int>(std::min<int64_t>(MT, M - m0)),
+                  [&](auto tm) { bf16_block_rows<decltype(tm)::value, float>(W, xb.data(), y, rb, m0, K, N); });
+  });
+#else
+  (void)w, (void)x, (void)M, (void)K, (void)y;
+  TORCH_CHECK(false, "fused forward: this kernel variant has no bf16 product");
+#endif
 }
 
 // y (M, w.n) = x (M, K) @ W.T: activations quantized per group, then the blocked integer product.
 template <typename T>
 void qmm_into(const QW& w, const T* x, int64_t M, int64_t K, T* y) {
+  if (w.bits == 16) {
+    if constexpr (std::is_same_v<T, float>) return bf16_into(w, x, M, K, y);
+    TORCH_CHECK(false, "qmm: a bf16 weight takes fp32 activations here");
+  }
   QuantX xq = quantize_x(x, M, K);
   const bool affine = w.mins != nullptr;
   if (w.half_scales)
@@ -408,8 +484,8 @@ at::Tensor qmm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scal
 }
 
 // ------------------------------------------------------------------------------------- fused forward
-// The whole stack of a plain Llama model (no adapters) for N = B·T tokens in one call, over quantized weights
-// and fp32 activations: per layer RMSNorm → [q;k;v] → RoPE (interleaved pairs) → K/V into the cache → causal
+// The whole stack of a Llama model (plain or LLaMA-Adapter V2) for N = B·T tokens in one call, over quantized
+// or bf16 weights and fp32 activations: per layer RMSNorm → [q;k;v] → RoPE (interleaved pairs) → K/V into the cache → causal
 // attention over the cache → wo → residual → RMSNorm → [w1;w3] → SiLU·up → w2 → residual. What it replaces is
 // ~35 torch ops per layer (≈ 8 ms per decoded token of SmolLM2's 30 layers on 2 cores, more than its weight
 // streaming). Every output row depends on its own token and cache row only, with fixed reduction orders: a
@@ -449,8 +525,32 @@ void rmsnorm(const float* h, const float* w, float* out, int64_t N, int64_t dim,
 
 // ---- LLaMA-Adapter V2 pieces (per row: its adapter's bank row) ----
 
+// y[n, off .. off+out) += l2[a] @ (l1[a] @ x[n]) for LoRA l1 (A, r, K), l2 (A, out, r) of element type E
+// (fp32, or bf16 as a bf16 model holds them), in fp32.
+template <typename E>
+void lora_rows(float* y, int64_t ystride, int64_t off, const float* x, int64_t K, int64_t N, const int64_t* aid,
+               const E* a1, const E* a2, int64_t r, int64_t out) {
+  float low[256];
+  for (int64_t n = 0; n < N; ++n) {
+    const float* xn = x + n * K;
+    const E* w1 = a1 + aid[n] * r * K;
+    for (int64_t i = 0; i < r; ++i) {
+      F16 acc = fzero();
+      for (int64_t k = 0; k < K; k += 16) acc = fmaddv(loadf(xn + k), loadf(w1 + i * K + k), acc);
+      low[i] = hsum(acc);
+    }
+    const E* w2 = a2 + aid[n] * out * r;
+    float* yn = y + n * ystride + off;
+    for (int64_t o = 0; o < out; ++o) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < r; ++i) acc += static_cast<float>(w2[o * r + i]) * low[i];
+      yn[o] += acc;
+    }
+  }
+}
+
 // y[n, off .. off+out) += bias[aid[n]] (bias: (A, out) fp32) and, with LoRA, += l2[a] @ (l1[a] @ x[n])
-// (l1: (A, r, K), l2: (A, out, r) fp32). y rows are `ystride` wide; x rows K wide.
+// (l1: (A, r, K), l2: (A, out, r), both fp32 or both bf16). y rows are `ystride` wide; x rows K wide.
 void adapt_rows(float* y, int64_t ystride, int64_t off, const float* x, int64_t K, int64_t N, const int64_t* aid,
                 const at::Tensor& bias, const at::Tensor& l1, const at::Tensor& l2) {
   if (bias.numel()) {
@@ -462,32 +562,19 @@ void adapt_rows(float* y, int64_t ystride, int64_t off, const float* x, int64_t 
   if (!l1.numel()) return;
   const int64_t r = l1.size(1), out = l2.size(1);
   TORCH_CHECK(l1.size(2) == K && l2.size(2) == r && K % 16 == 0 && r <= 256, "fused forward: bad LoRA shapes");
-  const float* a1 = l1.data_ptr<float>();
-  const float* a2 = l2.data_ptr<float>();
-  float low[256];
-  for (int64_t n = 0; n < N; ++n) {
-    const float* xn = x + n * K;
-    const float* w1 = a1 + aid[n] * r * K;
-    for (int64_t i = 0; i < r; ++i) {
-      F16 acc = fzero();
-      for (int64_t k = 0; k < K; k += 16) acc = fmaddv(loadf(xn + k), loadf(w1 + i * K + k), acc);
-      low[i] = hsum(acc);
-    }
-    const float* w2 = a2 + aid[n] * out * r;
-    float* yn = y + n * ystride + off;
-    for (int64_t o = 0; o < out; ++o) {
-      float acc = 0.f;
-      for (int64_t i = 0; i < r; ++i) acc += w2[o * r + i] * low[i];
-      yn[o] += acc;
-    }
-  }
+  if (l1.scalar_type() == at::kBFloat16)
+    lora_rows(y, ystride, off, x, K, N, aid, l1.data_ptr<at::BFloat16>(), l2.data_ptr<at::BFloat16>(), r, out);
+  else
+    lora_rows(y, ystride, off, x, K, N, aid, l1.data_ptr<float>(), l2.data_ptr<float>(), r, out);
 }
 
 // The adaption-prompt attention of an adapted layer, added to `att` (N, H·D): per row n and query head h,
 // gate[aid[n], h] · softmax(q·pk / √D) · pv over the row's `plen[n]` prompt keys pk/pv, read from
-// (S, KV, P, D) fp32 at prompt row prow[n] (no causal mask, no RoPE on the prompts; the queries are roped).
+// (S, KV, P, D) fp32 or bf16 at prompt row prow[n] (no causal mask, no RoPE on the prompts; the queries are
+// roped).
+template <typename C>
 void prompt_attend(const float* qkv, int64_t N, int64_t H, int64_t KV, int64_t D, const int64_t* aid,
-                   const int64_t* prow, const int64_t* plen, const float* pk, const float* pv, int64_t P,
+                   const int64_t* prow, const int64_t* plen, const C* pk, const C* pv, int64_t P,
                    const float* gate, float* att) {
   const int64_t G = H / KV, width = (H + 2 * KV) * D;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
@@ -497,8 +584,8 @@ void prompt_attend(const float* qkv, int64_t N, int64_t H, int64_t KV, int64_t D
       const int64_t n = i / H, h = i % H, kh = h / G, len = plen[n];
       if (len <= 0) continue;
       const float* q = qkv + n * width + h * D;
-      const float* kb = pk + ((prow[n] * KV + kh) * P) * D;
-      const float* vb = pv + ((prow[n] * KV + kh) * P) * D;
+      const C* kb = pk + ((prow[n] * KV + kh) * P) * D;
+      const C* vb = pv + ((prow[n] * KV + kh) * P) * D;
       float mx = -INFINITY;
       for (int64_t p = 0; p < len; ++p) {
         F16 acc = fzero();
@@ -639,8 +726,21 @@ void attend(const float* qkv, int64_t N, int64_t T, int64_t H, int64_t KV, int64
   });
 }
 
-// Dequantized rows `ids` of a packed weight (the token embeddings): (N, K) fp32, as QuantWeight.rows does.
+// Rows `ids` of a packed weight (the token embeddings): (N, K) fp32, as QuantWeight.rows and Bf16Weight.rows give.
 void embed_rows(const QW& w, int64_t K, const int64_t* ids, int64_t N, float* out) {
+  if (w.bits == 16) {  // bf16 (N/16, K/2, 16, 2): row r's columns 2p, 2p+1 at ((r/16)·K/2 + p)·32 + (r%16)·2
+    const auto* W = reinterpret_cast<const uint16_t*>(w.qs);
+    for (int64_t n = 0; n < N; ++n) {
+      const uint16_t* blk = W + (ids[n] / 16) * 16 * K + (ids[n] % 16) * 2;
+      float* y = out + n * K;
+      for (int64_t p = 0; p < K / 2; ++p) {
+        const uint32_t a = static_cast<uint32_t>(blk[p * 32]) << 16, b = static_cast<uint32_t>(blk[p * 32 + 1]) << 16;
+        std::memcpy(y + 2 * p, &a, 4);
+        std::memcpy(y + 2 * p + 1, &b, 4);
+      }
+    }
+    return;
+  }
   const int64_t lines = K * w.bits / 32, ng = K / w.group;
   for (int64_t n = 0; n < N; ++n) {
     const int64_t b = ids[n] / 16, lane = ids[n] % 16;
@@ -675,8 +775,9 @@ void embed_rows(const QW& w, int64_t K, const int64_t* ids, int64_t N, float* ou
 
 }  // namespace
 
-// A plain Llama model (no adapters) from token ids to logits in one call: the embedding lookup, every layer,
-// the final norm and the output head, over quantized weights and fp32 activations.
+// A Llama model from token ids to logits in one call: the embedding lookup, every layer, the final norm and the
+// output head, over packed weights (integer codes, or bf16 with meta bits 16 and empty scales/mins) and fp32
+// activations.
 // tokens (N,) with N = B·T; h: the embedded tokens (N, dim) fp32 when the embeddings are not packed (then
 // weights[0..2] are empty); weights: [embed codes, scales, mins, final norm, output codes, scales, mins] then
 // per layer [attn_norm, qkv codes, scales, mins, wo codes, scales, mins, ffn_norm, w13 codes, scales, mins, w2
@@ -684,7 +785,7 @@ void embed_rows(const QW& w, int64_t K, const int64_t* ids, int64_t N, float* ou
 // 4 × the same; k_cache/v_cache: per layer (S, KV, Lmax, D) fp32 or bf16; rows (B,), positions (B·T,) row
 // by row; logit_index (M,): the flat token indices whose logits are returned, (M, vocab rounded up to 16)
 // fp32. The indices come as plain integer lists, not tensors: the step's Python side then makes no tensors.
-// LLaMA-Adapter V2 models add (all fp32, A adapters; an empty tensor where a piece is absent):
+// LLaMA-Adapter V2 models add (fp32, LoRA and prompts fp32 or bf16; A adapters; empty where a piece is absent):
 // adapter: [final norm bank (A, dim)] then per layer [attn_norm bank, ffn_norm bank (A, dim), [q;k;v] bias
 // (A, (H+2KV)·D), wo bias (A, dim), [w1;w3] bias (A, 2·hidden), w2 bias (A, dim), the prompt gate
 // tanh(gate)·new_gate (A, H) (adapted layers), then LoRA l1 (A, r, in) and l2 (A, out, r) of q, k, v, o, w1,
@@ -738,8 +839,12 @@ at::Tensor forward_plain(const std::vector<int64_t>& tokens, const c10::optional
   const bool prompts = adapted && prompt_k.has_value();
   if (adapted) {
     TORCH_CHECK(adapter.size() == 1 + static_cast<size_t>(L) * PER_LAYER, "forward_plain: adapter tensors do not match the layers");
-    for (const auto& t : adapter)
-      TORCH_CHECK(!t.numel() || (t.scalar_type() == at::kFloat && t.is_contiguous()), "forward_plain: adapter tensors must be contiguous fp32");
+    for (size_t i = 0; i < adapter.size(); ++i) {  // fp32; LoRA (a layer's pieces 7..20) may be bf16
+      const at::Tensor& t = adapter[i];
+      const bool lora = i > 0 && (i - 1) % PER_LAYER >= 7;
+      TORCH_CHECK(!t.numel() || ((t.scalar_type() == at::kFloat || (lora && t.scalar_type() == at::kBFloat16))
+                                 && t.is_contiguous()), "forward_plain: adapter tensors must be contiguous fp32 (LoRA: or bf16)");
+    }
     const int64_t A = adapter[0].size(0);
     TORCH_CHECK(adapter[0].numel() == A * dim, "forward_plain: bad final norm bank");
     // per layer: the expected row width of each piece, 0: must be a bank of that width or empty
@@ -755,7 +860,8 @@ at::Tensor forward_plain(const std::vector<int64_t>& tokens, const c10::optional
         const at::Tensor &l1 = ap[7 + 2 * i], &l2 = ap[8 + 2 * i];
         TORCH_CHECK(l1.numel() == 0 ? l2.numel() == 0
                     : (l1.dim() == 3 && l2.dim() == 3 && l1.size(0) == A && l2.size(0) == A && l1.size(2) == lora_in[i]
-                       && l2.size(1) == lora_out[i] && l2.size(2) == l1.size(1)), "forward_plain: bad LoRA ", i, " of layer ", l);
+                       && l2.size(1) == lora_out[i] && l2.size(2) == l1.size(1) && l1.scalar_type() == l2.scalar_type()),
+                    "forward_plain: bad LoRA ", i, " of layer ", l);
       }
     }
     TORCH_CHECK(static_cast<int64_t>(adapter_ids.size()) == B, "forward_plain: adapter_ids must have one id per batch row");
@@ -765,7 +871,8 @@ at::Tensor forward_plain(const std::vector<int64_t>& tokens, const c10::optional
     }
     if (prompts) {
       TORCH_CHECK(prompt_v.has_value(), "forward_plain: incomplete prompts");
-      TORCH_CHECK(prompt_k->scalar_type() == at::kFloat && prompt_k->is_contiguous() && prompt_v->is_contiguous()
+      TORCH_CHECK((prompt_k->scalar_type() == at::kFloat || prompt_k->scalar_type() == at::kBFloat16)
+                  && prompt_v->scalar_type() == prompt_k->scalar_type() && prompt_k->is_contiguous() && prompt_v->is_contiguous()
                   && prompt_k->sizes() == prompt_v->sizes() && prompt_k->dim() == 5 && prompt_k->size(0) == L - adapted_start
                   && prompt_k->size(2) == KV && prompt_k->size(4) == D, "forward_plain: bad prompt keys/values");
       S = prompt_k->size(1);
@@ -823,8 +930,12 @@ at::Tensor forward_plain(const std::vector<int64_t>& tokens, const c10::optional
       attend(qkv.data(), N, T, H, KV, D, ps, rw, k_cache[l].data_ptr<float>(), v_cache[l].data_ptr<float>(), Lmax, att.data());
     if (prompts && l >= adapted_start && ap[6].numel()) {
       const int64_t off = (l - adapted_start) * S * KV * P * D;
-      prompt_attend(qkv.data(), N, H, KV, D, ad, prow.data(), plen.data(), prompt_k->data_ptr<float>() + off,
-                    prompt_v->data_ptr<float>() + off, P, ap[6].data_ptr<float>(), att.data());
+      if (prompt_k->scalar_type() == at::kBFloat16)
+        prompt_attend(qkv.data(), N, H, KV, D, ad, prow.data(), plen.data(), prompt_k->data_ptr<at::BFloat16>() + off,
+                      prompt_v->data_ptr<at::BFloat16>() + off, P, ap[6].data_ptr<float>(), att.data());
+      else
+        prompt_attend(qkv.data(), N, H, KV, D, ad, prow.data(), plen.data(), prompt_k->data_ptr<float>() + off,
+                      prompt_v->data_ptr<float>() + off, P, ap[6].data_ptr<float>(), att.data());
     }
     clock.lap(P_ATTEND);
     qmm_into(qw_from(w, o + 4, meta, m + 4), att.data(), N, H * D, tmp.data());
@@ -912,39 +1023,7 @@ std::vector<double> profile_plain(bool enable) {
   return out;
 }
 
-#if defined(LAMINA_ISA_AVX512) && defined(__AVX512BF16__)
-namespace {
-// bf16 weights (N/16, K/2, 16, 2): one 64-byte line holds one pair of input columns for 16 rows;
-// y[16 rows] += vdpbf16ps(line, broadcast(x[2p], x[2p+1])). Four accumulators over p mod 4, fp32.
-template <int TM>
-void bf16_block_rows(const uint16_t* W, const uint16_t* x, uint16_t* y, int64_t rb, int64_t m0, int64_t K, int64_t N) {
-  constexpr int mt = TM;
-  const int64_t P = K / 2;
-  const char* base = reinterpret_cast<const char*>(W + rb * 16 * K);
-  __m512 acc[TM][2];
-  const int32_t* x32[TM];
-  for (int t = 0; t < mt; ++t) {
-    acc[t][0] = acc[t][1] = _mm512_setzero_ps();
-    x32[t] = reinterpret_cast<const int32_t*>(x + (m0 + t) * K);
-  }
-  int64_t p = 0;
-  for (; p + 2 <= P; p += 2) {
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(base + p * 64), w1 = (__m512bh)_mm512_loadu_si512(base + p * 64 + 64);
-    for (int t = 0; t < mt; ++t) {
-      acc[t][0] = _mm512_dpbf16_ps(acc[t][0], (__m512bh)_mm512_set1_epi32(x32[t][p]), w0);
-      acc[t][1] = _mm512_dpbf16_ps(acc[t][1], (__m512bh)_mm512_set1_epi32(x32[t][p + 1]), w1);
-    }
-  }
-  for (; p < P; ++p) {
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(base + p * 64);
-    for (int t = 0; t < mt; ++t) acc[t][0] = _mm512_dpbf16_ps(acc[t][0], (__m512bh)_mm512_set1_epi32(x32[t][p]), w0);
-  }
-  for (int t = 0; t < mt; ++t) {
-    const __m256bh r = _mm512_cvtneps_pbh(_mm512_add_ps(acc[t][0], acc[t][1]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + (m0 + t) * N + rb * 16), (__m256i)r);
-  }
-}
-}  // namespace
+#ifdef LAMINA_HAS_BF16
 
 // x (..., K) bf16; packed (N/16, K/2, 16, 2) bf16 → (..., N) bf16 (fp32 accumulation, rounded once).
 at::Tensor mm_bf16(const at::Tensor& x, const at::Tensor& packed) {
@@ -962,13 +1041,12 @@ at::Tensor mm_bf16(const at::Tensor& x, const at::Tensor& packed) {
     for (int64_t rb = b0; rb < b1; ++rb)
       for (int64_t m0 = 0; m0 < M; m0 += MT)
         with_tile(static_cast<int>(std::min<int64_t>(MT, M - m0)),
-                  [&](auto tm) { bf16_block_rows<decltype(tm)::value>(W, xp, yp, rb, m0, K, N); });
+                  [&](auto tm) { bf16_block_rows<decltype(tm)::value, uint16_t>(W, xp, yp, rb, m0, K, N); });
   });
   auto shape = x.sizes().vec();
   shape.back() = N;
   return y.view(shape);
 }
-#define LAMINA_HAS_BF16 1
 #endif
 
 TORCH_LIBRARY(LAMINA_NS, m) {
