@@ -105,6 +105,14 @@ def load_model(settings: Settings, progress: Callable[[str], None]):
         quantization = "none"  # a GGUF is dequantized to --dtype for the GPU
     dtype = activation_dtype(settings, device)
     progress(f"activations in {dtype} on {device}, base weights: quantization {quantization}")
+    if device == "cpu":
+        from models import kernels
+
+        pending = kernels.to_compile()
+        if pending is not None:
+            progress(f"compiling the CPU kernels ({pending}) for this CPU and torch: once, about "
+                     f"2 minutes on 2 cores, cached in {kernels.build_dir(pending).parent}")
+        progress(f"CPU kernels: {kernels.isa()}")
 
     if settings.llama_dir is not None:
         runtime = RuntimeBanks(settings.max_runtime_adapters, settings.max_lora_rank, settings.runtime_query_len,

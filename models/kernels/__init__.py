@@ -61,18 +61,34 @@ def _reason(e: BaseException) -> str:
 _MODULES: dict[str, object] = {}  # op namespace -> the variant's Python module (its FusedModel, FusedCache)
 
 
+def _flags(variant: str) -> list[str]:
+    flags = VARIANTS[variant][1]
+    return [*flags, "-mavx512bf16"] if variant == "avx512" and "avx512_bf16" in cpu_flags() else list(flags)
+
+
+def build_dir(variant: str) -> Path:
+    """Where a variant's build is cached: keyed by its flags, the CPU's flags, torch's version and the source."""
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, " ".join(_flags(variant)),
+                                    " ".join(sorted(cpu_flags()))]).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("LAMINA_KERNEL_DIR", Path.home() / ".cache" / "lamina" / "kernels"))
+    return root / f"lamina_{variant}-{key}"
+
+
+def is_built(variant: str) -> bool:
+    """Whether the variant's build is in the cache (loading it then takes no compiler and well under a second)."""
+    return (build_dir(variant) / f"lamina_{variant}.so").is_file()
+
+
 def _build(variant: str) -> str:
     """Compiles and loads one variant; returns its op namespace. Raises on failure."""
     import importlib.util
 
     from torch.utils.cpp_extension import load
 
-    _, flags, macro = VARIANTS[variant]
-    flags = [*flags, "-mavx512bf16"] if variant == "avx512" and "avx512_bf16" in cpu_flags() else list(flags)
+    _, _, macro = VARIANTS[variant]
+    flags = _flags(variant)
     ns = f"lamina_{variant}"
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, " ".join(flags),
-                                    " ".join(sorted(cpu_flags()))]).encode()).hexdigest()[:16]
-    build = Path(os.environ.get("LAMINA_KERNEL_DIR", Path.home() / ".cache" / "lamina" / "kernels")) / f"{ns}-{key}"
+    build = build_dir(variant)
     built = build / f"{ns}.so"
     if getattr(_MODULES.get(ns), "__file__", None) == str(built):  # loaded before in this process: it initialises once
         return ns
@@ -121,16 +137,30 @@ def load_variant(variant: str) -> str | None:
         return None
 
 
+def _order() -> tuple[tuple[str, ...], str]:
+    """The variants `isa()` tries, in order, and what LAMINA_KERNELS says."""
+    forced = os.environ.get("LAMINA_KERNELS", "").strip().lower()
+    if forced in ("0", "torch", "none"):
+        return (), forced
+    return (ORDER[ORDER.index(forced):] if forced in VARIANTS else ORDER), forced
+
+
+def to_compile() -> str | None:
+    """The variant `isa()` would compile first (not in the cache), or None where it loads a cached build (or uses
+    torch): what a first start tells the user it is waiting for."""
+    if isa.cache_info().currsize:
+        return None
+    first = next((v for v in _order()[0] if supported(v)), None)
+    return first if first is not None and not is_built(first) else None
+
+
 @cache
 def isa() -> str:
     """The variant in use: the forced one (LAMINA_KERNELS) if it loads, else the best that loads, else torch."""
-    forced = os.environ.get("LAMINA_KERNELS", "").strip().lower()
-    if forced in ("0", "torch", "none"):
+    order, forced = _order()
+    if not order:
         return "torch"
-    order = ORDER
-    if forced in VARIANTS:
-        order = ORDER[ORDER.index(forced):]
-    elif forced and forced != "1":
+    if forced and forced != "1" and forced not in VARIANTS:
         log.warning("LAMINA_KERNELS=%s is not one of torch, %s: choosing automatically", forced, ", ".join(ORDER))
     for variant in order:
         if load_variant(variant):

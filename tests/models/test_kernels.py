@@ -207,3 +207,23 @@ def test_build_cache_is_keyed_by_cpu_flags(monkeypatch, tmp_path):
         with pytest.raises(RuntimeError):
             kernels._build("avx2")
     assert len(set(seen)) == 2
+
+
+def test_a_first_start_says_it_compiles_only_when_the_build_is_not_cached(monkeypatch, tmp_path):
+    """`lamina serve` reports the ~2-minute kernel build before it starts it (server.app.load_model): the variant
+    to compile when its build is not in the cache, nothing once it is, or with the kernels turned off."""
+    monkeypatch.setenv("LAMINA_KERNEL_DIR", str(tmp_path))
+    kernels.isa.cache_clear()
+    try:
+        first = next((v for v in kernels.ORDER if kernels.supported(v)), None)
+        assert kernels.to_compile() == first  # an empty cache
+        if first is not None:
+            kernels.build_dir(first).mkdir(parents=True)
+            (kernels.build_dir(first) / f"lamina_{first}.so").touch()
+            assert kernels.to_compile() is None
+            monkeypatch.setenv("LAMINA_KERNEL_DIR", str(tmp_path / "other"))
+            assert kernels.to_compile() == first
+        monkeypatch.setenv("LAMINA_KERNELS", "torch")
+        assert kernels.to_compile() is None
+    finally:
+        kernels.isa.cache_clear()
