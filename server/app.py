@@ -209,7 +209,9 @@ class Runtime:
         release_cuda_libraries()  # before loading too, so that they do not add to the peak
         try:
             if self.engine is None:
-                # the engine thread loads the weights itself: torch runs faster on the thread that loaded them
+                # the engine thread loads the weights itself, so that it is the only thread that runs torch ops in
+                # parallel: a second OpenMP team in the process (the main thread's, had it loaded them) makes
+                # libgomp put its workers to sleep between parallel regions, and decode ran 25-40% slower
                 loaded = self._loaded or (lambda: load_model(self.settings, self._progress))
                 self.engine = build_engine(loaded, self.settings)
             self.engine.on_failure = self._engine_died

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from server.api.errors import APIError, error_body
-from server.api.streaming import sse
+from server.api.streaming import TextEvents, sse
 from server.api.tools import ToolStream
 from server.engine.types import RequestOutput, TokenLogprob
 
@@ -29,7 +29,7 @@ class Formatter(Protocol):
 class Totals:
     """A request's deltas added up, per choice (and per prompt for the usage)."""
 
-    text: dict[int, str] = field(default_factory=dict)
+    pieces: dict[int, list[str]] = field(default_factory=dict)  # joined once, by `text` (not per delta)
     logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
     finish: dict[int, str | None] = field(default_factory=dict)
     completion_tokens: dict[int, int] = field(default_factory=dict)
@@ -37,7 +37,7 @@ class Totals:
     cached_tokens: dict[int, int] = field(default_factory=dict)
 
     def add(self, out: RequestOutput, part: int = 0) -> None:
-        self.text[out.index] = self.text.get(out.index, "") + out.text
+        self.pieces.setdefault(out.index, []).append(out.text)
         self.logprobs.setdefault(out.index, []).extend(out.logprobs)
         self.completion_tokens[out.index] = max(self.completion_tokens.get(out.index, 0),
                                                 out.completion_tokens)
@@ -46,9 +46,12 @@ class Totals:
         if out.finished:
             self.finish[out.index] = out.finish_reason
 
+    def text(self, index: int) -> str:
+        return "".join(self.pieces.get(index, ()))
+
     @property
     def indices(self) -> list[int]:
-        return sorted(set(self.text) | set(self.finish)) or [0]
+        return sorted(set(self.pieces) | set(self.finish)) or [0]
 
     def counts(self, prompt_len: int) -> tuple[int, int, int]:
         """(prompt, completion, cached) tokens."""
@@ -106,7 +109,7 @@ class ChatFormat:
         tools = job.plan.tools
         choices = []
         for i in totals.indices:
-            text, calls = totals.text.get(i, ""), []
+            text, calls = totals.text(i), []
             if tools is not None and tools.active:
                 text, calls = tools.parse(text)
             message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None,
@@ -126,10 +129,13 @@ class ChatFormat:
     async def events(self, job: Job, outputs: Outputs) -> AsyncIterator[str]:
         base = {**self._base(job, "chat.completion.chunk"), **({"usage": None} if job.plan.include_usage else {})}
 
-        def chunk(index: int, delta: dict, finish: str | None = None, logprobs: Any = None) -> str:
-            return sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                             "finish_reason": finish}]})
+        def event(index: int, delta: dict, finish: str | None = None, logprobs: Any = None) -> dict:
+            return {**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
+        def chunk(index: int, delta: dict, finish: str | None = None, logprobs: Any = None) -> str:
+            return sse(event(index, delta, finish, logprobs))
+
+        content = TextEvents(lambda index, text: event(index, {"content": text}))
         tools = job.plan.tools if job.plan.tools is not None and job.plan.tools.active else None
         parsers = {i: ToolStream() for i in range(job.n_choices)} if tools else {}
         for i in range(job.n_choices):  # every choice opens with the role (the first also the experts)
@@ -143,8 +149,10 @@ class ChatFormat:
             totals.add(out, part)
             lp = chat_logprobs(out.logprobs) if job.plan.sampling.logprobs and out.logprobs else None
             if tools is None:
-                if out.text or lp:
+                if lp:
                     yield chunk(out.index, {"content": out.text}, logprobs=lp)
+                elif out.text:
+                    yield content(out.index, out.text)
             else:
                 parser = parsers[out.index]
                 deltas = parser.feed(out.text) + (parser.finish() if out.finished else [])
@@ -186,7 +194,7 @@ class CompletionFormat:
     def body(self, job: Job, totals: Totals) -> dict:
         choices = [{
             "index": i,
-            "text": job.echo_of(i) + totals.text.get(i, ""),
+            "text": job.echo_of(i) + totals.text(i),
             "logprobs": completion_logprobs(totals.logprobs.get(i, []), len(job.echo_of(i)))
             if job.plan.sampling.logprobs else None,
             "finish_reason": finish_reason(totals.finish.get(i)),
@@ -196,9 +204,13 @@ class CompletionFormat:
     async def events(self, job: Job, outputs: Outputs) -> AsyncIterator[str]:
         base = {**self._base(job), **({"usage": None} if job.plan.include_usage else {})}
 
+        def event(index: int, text: str, finish: str | None, logprobs: Any = None) -> dict:
+            return {**base, "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+
         def chunk(index: int, text: str, finish: str | None, logprobs: Any = None) -> str:
-            return sse({**base, "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                             "finish_reason": finish}]})
+            return sse(event(index, text, finish, logprobs))
+
+        texts = TextEvents(lambda index, text: event(index, text, None))
 
         offsets: dict[int, int] = {}
         for i in range(job.n_choices):
@@ -212,8 +224,10 @@ class CompletionFormat:
             if job.plan.sampling.logprobs and out.logprobs:
                 lp = completion_logprobs(out.logprobs, offsets[out.index])
             offsets[out.index] = offsets.get(out.index, 0) + len(out.text)
-            if out.text or lp:
+            if lp:
                 yield chunk(out.index, out.text, None, lp)
+            elif out.text:
+                yield texts(out.index, out.text)
             if out.finished:
                 yield chunk(out.index, "", finish_reason(out.finish_reason))
         if job.plan.include_usage:

@@ -320,6 +320,7 @@ class Pipeline:
         engine_validate(self.engine, request)
         model, m = job.plan.model, self.metrics
         m.prompt_tokens.labels(model).inc(len(request.prompt_ids))
+        tokens, itl = m.generation_tokens.labels(model), m.itl.labels(model)  # once, not per token
         submitted = time.monotonic()
         first: float | None = None
         last: dict[int, float] = {}
@@ -330,7 +331,7 @@ class Pipeline:
                 if out.token_ids:
                     n = len(out.token_ids)
                     generated += n
-                    m.generation_tokens.labels(model).inc(n)
+                    tokens.inc(n)
                     if first is None:
                         first = now
                         m.ttft.labels(model).observe(now - job.arrival)
@@ -338,7 +339,7 @@ class Pipeline:
                         if admitted is not None:
                             m.queue.labels(model).observe(max(0.0, admitted - submitted))
                     elif out.index in last:
-                        m.itl.labels(model).observe((now - last[out.index]) / n)
+                        itl.observe((now - last[out.index]) / n)
                     last[out.index] = now
                 if out.finished:
                     m.requests.labels(model, out.finish_reason or "stop").inc()

@@ -346,7 +346,7 @@ class ResponsesFormat:
         return body
 
     def body(self, job: Job, totals: Totals) -> dict:
-        text, calls = totals.text.get(0, ""), []
+        text, calls = totals.text(0), []
         if job.plan.tools is not None and job.plan.tools.active:
             text, calls = job.plan.tools.parse(text)
         return self._finish(job, text, calls, totals)

@@ -399,3 +399,22 @@ def test_include_stop_str_in_output(client):
     assert kept["usage"]["completion_tokens"] == 1 and kept["choices"][0]["finish_reason"] == "stop"
     token_text = client.post("/detokenize", json={"tokens": ids[:1]}).json()["prompt"]
     assert kept["choices"][0]["text"] == token_text != ""
+
+
+@pytest.mark.parametrize("text", ["hello", " ", "é\u00e9 日本語 🙂", 'quo"te \\ back', "new\nline\ttab\r", "\x00\x1f\x7f",
+                                  "\u2028\u2029", "\x00lamina-text\x00"])
+def test_a_streamed_text_delta_is_the_same_bytes_as_the_full_encoding(text):
+    """The streamed deltas are encoded through TextEvents (the event around the text encoded once): byte for
+    byte what encoding the whole event gives, for any text."""
+    from server.api.streaming import TextEvents, sse
+
+    def make(index, t):
+        return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "system_fingerprint": None, "usage": None,
+                "choices": [{"index": index, "delta": {"content": t}, "logprobs": None, "finish_reason": None}]}
+
+    events = TextEvents(make)
+    for index in (0, 3, 0):
+        assert events(index, text) == sse(make(index, text))
+    odd = TextEvents(lambda index, t: {"model": TextEvents._MARK, "text": t})  # the mark stands elsewhere too
+    assert odd(0, text) == sse({"model": TextEvents._MARK, "text": text})
