@@ -349,7 +349,6 @@ void dispatch(int64_t bits, bool affine, bool big, const uint8_t* W, const S* sc
   return qmm_impl<8, false, false, S, T>(W, sc, mn, zero, xq, M, K, G, y, N);
 }
 
-// A packed quantized weight as the kernels read it (see the layout at the top).
 #if defined(LAMINA_ISA_AVX512) && defined(__AVX512BF16__)
 #define LAMINA_HAS_BF16 1
 // bf16 weights (N/16, K/2, 16, 2): one 64-byte line holds one pair of input columns for 16 rows;
@@ -485,10 +484,10 @@ at::Tensor qmm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scal
 
 // ------------------------------------------------------------------------------------- fused forward
 // The whole stack of a Llama model (plain or LLaMA-Adapter V2) for N = B·T tokens in one call, over quantized
-// or bf16 weights and fp32 activations: per layer RMSNorm → [q;k;v] → RoPE (interleaved pairs) → K/V into the cache → causal
-// attention over the cache → wo → residual → RMSNorm → [w1;w3] → SiLU·up → w2 → residual. What it replaces is
-// ~35 torch ops per layer (≈ 8 ms per decoded token of SmolLM2's 30 layers on 2 cores, more than its weight
-// streaming). Every output row depends on its own token and cache row only, with fixed reduction orders: a
+// or bf16 weights and fp32 activations: per layer RMSNorm → [q;k;v] → RoPE (interleaved pairs) → K/V into the
+// cache → causal attention over the cache → wo → residual → RMSNorm → [w1;w3] → SiLU·up → w2 → residual. What
+// it replaces is ~35 torch ops per layer (≈ 8 ms per decoded token of SmolLM2's 30 layers on 2 cores, more than
+// its weight streaming). Every output row depends on its own token and cache row only, with fixed reduction orders: a
 // token's hidden state is the same bits whether it is prefilled in a chunk of 512, decoded alone or in a batch
 // of 16 — prefill, decode, prefix-cache hits and batching all agree (the deterministic mode by construction).
 namespace {
