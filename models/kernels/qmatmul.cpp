@@ -1048,6 +1048,59 @@ at::Tensor mm_bf16(const at::Tensor& x, const at::Tensor& packed) {
 }
 #endif
 
+#if defined(LAMINA_ISA_AVX512)
+namespace {
+// The first maximum of x[0..V), a NaN counting as the maximum (the first NaN), as numpy's and torch's argmax:
+// per lane the first index of its strictly greater values, then the lowest index among the lanes holding the
+// row's maximum.
+int64_t argmax_row(const float* x, int64_t V) {
+  int64_t i = 0, best_i = 0;
+  float best = V > 0 ? x[0] : 0.f;
+  __mmask16 nan = 0;
+  if (V >= 16) {
+    __m512 bv = _mm512_loadu_ps(x);
+    __m512i bidx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i idx = bidx;
+    const __m512i step = _mm512_set1_epi32(16);
+    nan = _mm512_cmp_ps_mask(bv, bv, _CMP_UNORD_Q);
+    for (i = 16; i + 16 <= V; i += 16) {
+      idx = _mm512_add_epi32(idx, step);
+      const __m512 v = _mm512_loadu_ps(x + i);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      const __mmask16 gt = _mm512_cmp_ps_mask(v, bv, _CMP_GT_OQ);
+      bv = _mm512_mask_blend_ps(gt, bv, v);
+      bidx = _mm512_mask_blend_epi32(gt, bidx, idx);
+    }
+    best = _mm512_reduce_max_ps(bv);
+    best_i = _mm512_mask_reduce_min_epi32(_mm512_cmp_ps_mask(bv, _mm512_set1_ps(best), _CMP_EQ_OQ), bidx);
+  } else {
+    i = 1;
+    nan = x[0] != x[0];
+  }
+  for (; i < V; ++i) {
+    if (x[i] != x[i]) nan = 1;
+    else if (x[i] > best) best = x[i], best_i = i;
+  }
+  if (nan)
+    for (int64_t j = 0; j < V; ++j)
+      if (x[j] != x[j]) return j;
+  return best_i;
+}
+}  // namespace
+
+// Each row's first maximum of (M, V) contiguous fp32 logits (the engine's greedy rows), rows over the threads.
+std::vector<int64_t> argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) > 0
+              && x.size(1) < (int64_t{1} << 31), "argmax_rows: (M, V) contiguous fp32 logits");
+  const int64_t M = x.size(0), V = x.size(1);
+  const float* p = x.data_ptr<float>();
+  std::vector<int64_t> out(M);
+  if (M == 1) out[0] = argmax_row(p, V);  // on this thread: no fork/join for one row
+  else at::parallel_for(0, M, 1, [&](int64_t a, int64_t b) { for (int64_t r = a; r < b; ++r) out[r] = argmax_row(p + r * V, V); });
+  return out;
+}
+#endif
+
 TORCH_LIBRARY(LAMINA_NS, m) {
   m.def("qmm(Tensor x, Tensor qs, Tensor scales, Tensor? mins, int bits, int group, int zero, bool big) -> Tensor");
   m.def("profile_plain(bool enable) -> float[]", &profile_plain);
@@ -1073,4 +1126,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<std::vector<at::Tensor>, std::vector<int64_t>, int64_t, int64_t, double, double,
                     std::vector<at::Tensor>, int64_t>())
       .def("forward", &FusedModel::forward, py::call_guard<py::gil_scoped_release>());
+#if defined(LAMINA_ISA_AVX512)
+  m.def("argmax_rows", &argmax_rows, py::call_guard<py::gil_scoped_release>());
+#endif
 }

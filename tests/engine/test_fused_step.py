@@ -33,6 +33,32 @@ def test_argmax_rows_is_torchs_first_maximum():
     assert argmax_rows(half) == half.argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("V", [1, 7, 16, 17, 1000, 49152])
+def test_the_kernels_argmax_is_torchs_first_maximum(V):
+    """The kernels' own argmax (AVX-512 variants; what argmax_rows uses there): per-lane maxima merged to the
+    first index, ties across lanes and within one, NaNs anywhere (the first wins), all -inf, a tail past the
+    last 16; one row and sixteen."""
+    from models import kernels
+
+    module = kernels.classes()
+    if not hasattr(module, "argmax_rows"):
+        pytest.skip(f"the {kernels.isa()} kernels have no argmax (AVX-512 only): argmax_rows uses numpy's")
+    g = torch.Generator().manual_seed(V)
+    rows = torch.randn(16, V, generator=g)
+    rows[1] = 3.0  # every value tied: the first
+    rows[2, V // 2] = rows[2, V - 1] = 99.0  # a tie in other lanes (or the tail)
+    rows[3, -1] = 99.0  # the maximum in the tail
+    rows[4] = float("-inf")
+    rows[5, V - 1] = float("nan")
+    rows[6, V // 3] = rows[6, V - 1] = float("nan")
+    rows[7, 0] = float("nan")
+    rows[8, V // 2] = float("inf")
+    want = rows.argmax(-1).tolist()
+    assert module.argmax_rows(rows) == want
+    assert [module.argmax_rows(r[None])[0] for r in rows] == want
+    assert argmax_rows(rows) == want
+
+
 def test_forward_fused_from_lists_is_forward_from_tensors(smol):
     """Two rows (cache rows 1 and 0) of three tokens each, all logits: the list entry and `forward` agree
     bit for bit, and so do their cache writes."""
