@@ -203,14 +203,13 @@ async def main_async(args) -> None:
         await engine.start()
         loaded = engine.loaded
         builder = PromptBuilder(loaded.prompt_format, loaded.chat_template, loaded.tokenizer, args.max_context)
+        http = {"httpx": http_round, "raw": raw_round}[args.client]
         await engine_round(engine, builder, 2, 4)  # warm both paths
-        await http_round(base, model, 2, 4)
-        await raw_round(base, model, 2, 4)
-        rounds = {"httpx": http_round, "raw": raw_round}
+        await http(base, model, 2, 4)
         results = {"engine": [], "http": []}
         for r in range(args.rounds):
             results["engine"].append(await engine_round(engine, builder, args.clients, args.max_tokens))
-            results["http"].append(await rounds[args.client](base, model, args.clients, args.max_tokens))
+            results["http"].append(await http(base, model, args.clients, args.max_tokens))
             e, h = results["engine"][-1], results["http"][-1]
             print(f"round {r + 1}: engine {e['tps']:.1f} tok/s, HTTP {h['tps']:.1f} tok/s "
                   f"(ratio {h['tps'] / e['tps']:.3f})", flush=True)

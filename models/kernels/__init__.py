@@ -74,9 +74,14 @@ def build_dir(variant: str) -> Path:
     return root / f"lamina_{variant}-{key}"
 
 
+def built_library(variant: str) -> Path:
+    """The cached build's library (in `build_dir`)."""
+    return build_dir(variant) / f"lamina_{variant}.so"
+
+
 def is_built(variant: str) -> bool:
     """Whether the variant's build is in the cache (loading it then takes no compiler and well under a second)."""
-    return (build_dir(variant) / f"lamina_{variant}.so").is_file()
+    return built_library(variant).is_file()
 
 
 def _build(variant: str) -> str:
@@ -88,8 +93,7 @@ def _build(variant: str) -> str:
     _, _, macro = VARIANTS[variant]
     flags = _flags(variant)
     ns = f"lamina_{variant}"
-    build = build_dir(variant)
-    built = build / f"{ns}.so"
+    build, built = build_dir(variant), built_library(variant)
     if getattr(_MODULES.get(ns), "__file__", None) == str(built):  # loaded before in this process: it initialises once
         return ns
     if built.is_file():  # this exact source, flags, CPU and torch: load it (no compiler needed, e.g. in Docker)

@@ -389,6 +389,17 @@ void bf16_block_rows(const uint16_t* W, const uint16_t* x, Y* y, int64_t rb, int
     }
   }
 }
+
+// y (M, N) = x (M, K) bf16 @ W.T, threads over the 16-row blocks of W, tiles of MT activation rows.
+template <typename Y>
+void bf16_product(const uint16_t* W, const uint16_t* x, Y* y, int64_t M, int64_t K, int64_t N) {
+  at::parallel_for(0, N / 16, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t rb = b0; rb < b1; ++rb)
+      for (int64_t m0 = 0; m0 < M; m0 += MT)
+        with_tile(static_cast<int>(std::min<int64_t>(MT, M - m0)),
+                  [&](auto tm) { bf16_block_rows<decltype(tm)::value, Y>(W, x, y, rb, m0, K, N); });
+  });
+}
 #endif
 
 // A packed weight as the fused forward reads it: bits 4/8, integer codes (see the layout above); bits 16, bf16
@@ -422,14 +433,7 @@ void bf16_into(const QW& w, const float* x, int64_t M, int64_t K, float* y) {
   for (; i + 16 <= M * K; i += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb.data() + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
   for (; i < M * K; ++i) xb[i] = c10::BFloat16(x[i]).x;
-  const auto* W = reinterpret_cast<const uint16_t*>(w.qs);
-  const int64_t N = w.n;
-  at::parallel_for(0, N / 16, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t rb = b0; rb < b1; ++rb)
-      for (int64_t m0 = 0; m0 < M; m0 += MT)
-        with_tile(static_cast<int>(std::min<int64_t>(MT, M - m0)),
-                  [&](auto tm) { bf16_block_rows<decltype(tm)::value, float>(W, xb.data(), y, rb, m0, K, N); });
-  });
+  bf16_product(reinterpret_cast<const uint16_t*>(w.qs), xb.data(), y, M, K, w.n);
 #else
   (void)w, (void)x, (void)M, (void)K, (void)y;
   TORCH_CHECK(false, "fused forward: this kernel variant has no bf16 product");
@@ -1033,15 +1037,8 @@ at::Tensor mm_bf16(const at::Tensor& x, const at::Tensor& packed) {
   at::Tensor xc = x.reshape({-1, K}).contiguous();
   const int64_t M = xc.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
-  const auto* W = reinterpret_cast<const uint16_t*>(packed.data_ptr());
-  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
-  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t rb = b0; rb < b1; ++rb)
-      for (int64_t m0 = 0; m0 < M; m0 += MT)
-        with_tile(static_cast<int>(std::min<int64_t>(MT, M - m0)),
-                  [&](auto tm) { bf16_block_rows<decltype(tm)::value, uint16_t>(W, xp, yp, rb, m0, K, N); });
-  });
+  bf16_product(reinterpret_cast<const uint16_t*>(packed.data_ptr()), reinterpret_cast<const uint16_t*>(xc.data_ptr()),
+               reinterpret_cast<uint16_t*>(y.data_ptr()), M, K, N);
   auto shape = x.sizes().vec();
   shape.back() = N;
   return y.view(shape);

@@ -114,10 +114,10 @@ class TextEvents:
         self._around: dict[int, tuple[str, str] | None] = {}
 
     def __call__(self, index: int, text: str) -> str:
-        around = self._around.get(index)
-        if around is None:
+        if index not in self._around:
             parts = sse(self._make(index, self._MARK)).split(json.dumps(self._MARK, ensure_ascii=False))
-            around = self._around[index] = (parts[0], parts[1]) if len(parts) == 2 else None
+            self._around[index] = (parts[0], parts[1]) if len(parts) == 2 else None
+        around = self._around[index]
         if around is None:  # the mark stands elsewhere in the event too: encode it whole
             return sse(self._make(index, text))
         return around[0] + json.dumps(text, ensure_ascii=False) + around[1]

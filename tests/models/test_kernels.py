@@ -219,7 +219,7 @@ def test_a_first_start_says_it_compiles_only_when_the_build_is_not_cached(monkey
         assert kernels.to_compile() == first  # an empty cache
         if first is not None:
             kernels.build_dir(first).mkdir(parents=True)
-            (kernels.build_dir(first) / f"lamina_{first}.so").touch()
+            kernels.built_library(first).touch()
             assert kernels.to_compile() is None
             monkeypatch.setenv("LAMINA_KERNEL_DIR", str(tmp_path / "other"))
             assert kernels.to_compile() == first
